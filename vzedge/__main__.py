@@ -1,0 +1,3 @@
+from vzedge.cli import main
+
+main()

@@ -1,0 +1,160 @@
+"""VisionZipEncoder: a ViT vision tower that outputs VisionZip tokens instead of all its tokens.
+
+The same object runs in eager PyTorch and is what the exporter traces, so there is one
+implementation of the computation.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from vzedge.models import adapt_vision_tower
+from vzedge.models.base import VisionTower
+from vzedge.visionzip import (
+    VisionZipConfig,
+    cls_attention_scores,
+    compress,
+    contextual_groups,
+    received_attention_scores,
+    select_dominant,
+    split_heads,
+)
+
+
+class VisionZipOutput(NamedTuple):
+    """tokens [B, dominant + contextual, D]; kept_indices [B, dominant] ascending sequence positions
+    (CLS = 0 included for CLIP); scores [B, N] float32 (CLS-row attention for CLIP, attention
+    received for SigLIP)."""
+
+    tokens: torch.Tensor
+    kept_indices: torch.Tensor
+    scores: torch.Tensor
+
+
+class VisionZipExplanation(NamedTuple):
+    """What `vzedge show` draws: scores [B, N], kept [B, dominant], groups [B, N] (-1 dominant,
+    else the contextual group index), targets [B, contextual] positions."""
+
+    scores: torch.Tensor
+    kept_indices: torch.Tensor
+    groups: torch.Tensor
+    targets: torch.Tensor
+
+
+class VisionZipEncoder(nn.Module):
+    """Runs the tower up to `cfg.layer`, scores its tokens there and keeps `cfg.num_tokens` of them.
+
+    The selected layer's raw output (no post-layernorm) is what gets selected; layers after it are
+    never computed. Only the CLS query row is projected for CLIP (O(N d)), so the encoder layers
+    keep their own attention implementation (SDPA, flash) instead of materialising N x N maps.
+    The layer's keys are recomputed once from its normed input for the merge: one extra d x d
+    projection over N tokens, well under 1% of a ViT-L forward.
+    """
+
+    def __init__(self, vision_model: nn.Module, cfg: VisionZipConfig | None = None) -> None:
+        super().__init__()
+        if cfg is None:
+            cfg = VisionZipConfig()
+        if not isinstance(cfg, VisionZipConfig):
+            raise TypeError(f"cfg must be a VisionZipConfig, got {type(cfg).__name__}")
+        tower = adapt_vision_tower(vision_model)
+        n_layers = tower.num_layers
+        if not -n_layers <= cfg.layer < n_layers:
+            raise ValueError(
+                f"layer={cfg.layer} is out of range for a {n_layers}-layer encoder; "
+                f"use -{n_layers} <= layer <= {n_layers - 1} (-2 is LLaVA's feature layer)"
+            )
+        check_token_budget(cfg, tower)
+        self.cfg = cfg
+        self.tower = tower
+        # Registered so .to()/.half() and export see the weights; the adapter only holds references.
+        self.vision = tower.module
+        self.layer_index = cfg.layer % n_layers
+
+    @property
+    def num_tokens(self) -> int:
+        return self.cfg.num_tokens
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.vision.parameters()).dtype
+
+    def check_pixels(self, pixel_values: torch.Tensor) -> None:
+        """Raise a clear error for pixel_values the tower cannot take."""
+        t = self.tower
+        want = f"[B, {t.num_channels}, {t.image_size}, {t.image_size}]"
+        if not isinstance(pixel_values, torch.Tensor):
+            raise TypeError(f"pixel_values must be a torch.Tensor {want}, got {type(pixel_values).__name__}")
+        if not pixel_values.is_floating_point():
+            raise TypeError(
+                f"pixel_values has dtype {pixel_values.dtype}; pass normalised float pixels "
+                "(run the model's image processor, e.g. processor(images=...).pixel_values)"
+            )
+        shape = tuple(pixel_values.shape)
+        if len(shape) != 4 or shape[1] != t.num_channels or shape[2] != t.image_size or shape[3] != t.image_size:
+            raise ValueError(
+                f"pixel_values has shape {list(shape)}, expected {want}; resize/crop images to "
+                f"{t.image_size}x{t.image_size} with the model's image processor"
+            )
+        if shape[0] < 1:
+            raise ValueError("pixel_values has batch size 0; pass at least one image")
+
+    def _layer_inputs(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self.tower.embed(pixel_values.to(self.dtype))
+        for layer in self.tower.layers[: self.layer_index]:
+            x = layer(x, None)
+        return x
+
+    def _score_and_keys(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        layer = self.tower.layers[self.layer_index]
+        attn = layer.self_attn
+        heads = int(attn.num_heads)
+        normed = layer.layer_norm1(x)
+        k = split_heads(attn.k_proj(normed), heads)  # [B, H, N, d]
+        if self.tower.has_cls:
+            q_cls = split_heads(attn.q_proj(normed[:, :1]), heads)
+            scores = cls_attention_scores(q_cls, k, float(attn.scale))
+        else:
+            q = split_heads(attn.q_proj(normed), heads)
+            scores = received_attention_scores(q, k, float(attn.scale))
+        return scores, k.mean(dim=1)
+
+    def forward(self, pixel_values: torch.Tensor) -> VisionZipOutput:
+        if not torch.compiler.is_compiling():
+            self.check_pixels(pixel_values)
+        x = self._layer_inputs(pixel_values)
+        scores, keys = self._score_and_keys(x)
+        hidden = self.tower.layers[self.layer_index](x, None)
+        tokens, kept = compress(hidden, scores, keys, self.cfg, self.tower.has_cls)
+        return VisionZipOutput(tokens, kept, scores)
+
+    @torch.no_grad()
+    def explain(self, pixel_values: torch.Tensor) -> VisionZipExplanation:
+        """Scores, kept tokens and contextual groups, for drawing (not on the hot path)."""
+        self.check_pixels(pixel_values)
+        x = self._layer_inputs(pixel_values)
+        scores, keys = self._score_and_keys(x)
+        kept = select_dominant(scores, self.cfg.dominant, self.tower.has_cls)
+        groups, targets = contextual_groups(keys, kept, self.cfg.contextual)
+        return VisionZipExplanation(scores, kept, groups, targets)
+
+
+def check_token_budget(cfg: VisionZipConfig, tower: VisionTower) -> None:
+    """Raise a ValueError naming the fix when the config asks for tokens the tower does not have."""
+    n = tower.seq_len
+    where = (
+        f"{tower.family} tower with {n} tokens ({tower.grid}x{tower.grid} patches{' + CLS' if tower.has_cls else ''})"
+    )
+    if tower.has_cls and cfg.dominant < 1:
+        raise ValueError(f"dominant={cfg.dominant}: the {where} always keeps CLS; use dominant >= 1")
+    if cfg.dominant > n:
+        raise ValueError(f"dominant={cfg.dominant} exceeds the {where}; use dominant <= {n}")
+    remaining = n - cfg.dominant
+    if cfg.contextual > remaining:
+        raise ValueError(
+            f"contextual={cfg.contextual} exceeds the {remaining} tokens left after dominant={cfg.dominant} in the "
+            f"{where}; use contextual <= {remaining} (dominant + contextual <= {n})"
+        )

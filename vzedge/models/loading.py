@@ -1,0 +1,134 @@
+"""Load a model by name: the built-in `tiny`, a local folder, or a hub id, through one code path."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+BUILTIN_MODELS = ("tiny",)
+_VISION_TYPES = ("clip_vision_model", "siglip_vision_model", "clip", "siglip")
+_VLM_TYPES = ("llava",)
+
+
+@dataclass
+class LoadedModel:
+    """A VLM (vlm + processor set) or a bare vision encoder (vlm and processor None)."""
+
+    name: str
+    source: str
+    revision: str | None
+    vision: nn.Module
+    vlm: nn.Module | None = None
+    processor: Any | None = None
+    projector: nn.Module | None = None
+    image_processor: Any | None = None
+
+
+def _kind(name: str) -> str:
+    if name in BUILTIN_MODELS:
+        return "builtin"
+    if os.path.isdir(name):
+        return "local"
+    if os.path.exists(name):
+        raise ValueError(f"--model {name!r} is a file; pass the folder that holds config.json")
+    parts = name.split("/")
+    if len(parts) == 2 and all(parts) and " " not in name and not name.startswith((".", "~")):
+        return "hub"
+    raise ValueError(
+        f"--model {name!r} is neither a built-in model ({', '.join(BUILTIN_MODELS)}), a local folder, "
+        "nor a hub id of the form owner/name"
+    )
+
+
+def load_config(name: str) -> Any:
+    """The model's config only (no weights): the built-in one, or config.json of a folder/hub id."""
+    kind = _kind(name)
+    if kind == "builtin":
+        from vzedge.models.tiny import tiny_config
+
+        return tiny_config()
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name, local_files_only=kind == "local")
+    except OSError as err:
+        raise ValueError(_unreachable(name, kind, err)) from err
+
+
+def _unreachable(name: str, kind: str, err: Exception) -> str:
+    if kind == "local":
+        return f"cannot read a model from folder {name!r}: {err}"
+    return (
+        f"cannot load {name!r}: not in the local cache and the hub is unreachable ({err}). "
+        "Download it where there is internet and pass the local folder, or use --model tiny"
+    )
+
+
+def load_model(name: str, dtype: Any = None, revision: str | None = None) -> LoadedModel:
+    """Load `name` (built-in, local folder or hub id) as a LLaVA VLM or a bare CLIP/SigLIP encoder."""
+    kind = _kind(name)
+    if kind == "builtin":
+        from vzedge.models.tiny import build_tiny
+
+        vlm, processor = build_tiny()
+        if dtype is not None:
+            vlm = vlm.to(dtype)
+        return _from_vlm(name, "builtin:tiny", None, vlm, processor)
+    config = load_config(name)
+    model_type = getattr(config, "model_type", "")
+    local = kind == "local"
+    kw: dict[str, Any] = {"local_files_only": local, "revision": revision}
+    if dtype is not None:
+        kw["dtype"] = dtype
+    try:
+        if model_type in _VLM_TYPES:
+            from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+            log.info("loading LLaVA model %s", name)
+            vlm = LlavaForConditionalGeneration.from_pretrained(name, **kw).eval()
+            processor = AutoProcessor.from_pretrained(name, local_files_only=local, revision=revision)
+            return _from_vlm(name, name, revision, vlm, processor)
+        if model_type in _VISION_TYPES:
+            return _load_vision(name, model_type, kw)
+    except OSError as err:
+        raise ValueError(_unreachable(name, kind, err)) from err
+    raise ValueError(
+        f"{name!r} is a {model_type!r} model; vzedge supports LLaVA-1.5 checkpoints (model_type 'llava') and "
+        "bare CLIP/SigLIP vision encoders"
+    )
+
+
+def _from_vlm(name: str, source: str, revision: str | None, vlm: nn.Module, processor: Any) -> LoadedModel:
+    inner = vlm.model
+    return LoadedModel(
+        name=name,
+        source=source,
+        revision=revision,
+        vision=inner.vision_tower,
+        vlm=vlm,
+        processor=processor,
+        projector=inner.multi_modal_projector,
+        image_processor=getattr(processor, "image_processor", None),
+    )
+
+
+def _load_vision(name: str, model_type: str, kw: dict[str, Any]) -> LoadedModel:
+    from transformers import AutoImageProcessor, CLIPVisionModel, SiglipVisionModel
+
+    cls = CLIPVisionModel if model_type.startswith("clip") else SiglipVisionModel
+    log.info("loading %s vision encoder %s", cls.__name__, name)
+    vision = cls.from_pretrained(name, **kw).eval()
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(
+            name, local_files_only=kw["local_files_only"], revision=kw["revision"]
+        )
+    except OSError:
+        log.warning("%s has no preprocessor_config.json; using the family's default normalisation", name)
+        image_processor = None
+    return LoadedModel(name=name, source=name, revision=kw["revision"], vision=vision, image_processor=image_processor)

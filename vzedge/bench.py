@@ -1,0 +1,73 @@
+"""Timing helpers shared by the benchmarks: warm up, synchronise, report percentiles with conditions."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    """p50/p90/p99 (nearest-rank), min and mean of `samples`, in the samples' unit."""
+    if not samples:
+        raise ValueError("no samples to summarise")
+    s = sorted(samples)
+
+    def rank(p: float) -> float:
+        return s[min(len(s) - 1, max(0, round(p / 100 * len(s) + 0.5) - 1))]
+
+    return {
+        "p50": rank(50),
+        "p90": rank(90),
+        "p99": rank(99),
+        "min": s[0],
+        "mean": statistics.fmean(s),
+        "n": len(s),
+    }
+
+
+def _sync(device: torch.device | str | None) -> None:
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(
+    fn: Callable[[], Any], warmup: int = 2, iters: int = 10, device: torch.device | str | None = None
+) -> dict[str, float]:
+    """Run `fn` `warmup` times untimed, then `iters` times; latency percentiles in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    samples = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return {k: (round(v, 3) if k != "n" else v) for k, v in percentiles(samples).items()}
+
+
+def conditions(**extra: Any) -> dict[str, Any]:
+    """Where and with what a figure was measured."""
+    import transformers
+
+    info: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor()})",
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+    for mod in ("onnxruntime", "tensorrt", "bitsandbytes"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except ImportError:
+            info[mod] = None
+    info.update(extra)
+    return info

@@ -13,7 +13,7 @@ import torch
 from transformers import CLIPVisionModel
 
 from vzedge import VisionZipConfig, VisionZipEncoder
-from vzedge.bench import conditions, measure
+from vzedge.bench import conditions, measure_side_by_side
 from vzedge.models import clip
 from vzedge.visionzip import compress
 
@@ -41,15 +41,18 @@ def main() -> None:
             x_in = enc._layer_inputs(x)
             scores, keys = enc._score_and_keys(x_in)
             hidden = enc.tower.layers[enc.layer_index](x_in, None)
-            row = {
-                "batch": batch,
-                "stock_all_layers_ms": measure(lambda x=x: stock(x), args.warmup, args.iters, device),
-                "visionzip_ms": measure(lambda x=x: enc(x), args.warmup, args.iters, device),
-                "score_ms": measure(lambda xi=x_in: enc._score_and_keys(xi), args.warmup, args.iters, device),
-                "select_merge_ms": measure(
-                    lambda h=hidden, s=scores, k=keys: compress(h, s, k, cfg, True), args.warmup, args.iters, device
-                ),
-            }
+            timings = measure_side_by_side(
+                {
+                    "stock_all_layers_ms": lambda x=x: stock(x),
+                    "visionzip_ms": lambda x=x: enc(x),
+                    "score_ms": lambda xi=x_in: enc._score_and_keys(xi),
+                    "select_merge_ms": lambda h=hidden, s=scores, k=keys: compress(h, s, k, cfg, True),
+                },
+                args.warmup,
+                args.iters,
+                device,
+            )
+            row = {"batch": batch, **timings}
         vz = row["visionzip_ms"]["p50"]
         row["speedup_p50"] = round(row["stock_all_layers_ms"]["p50"] / vz, 3)
         row["score_select_merge_share_p50"] = round((row["score_ms"]["p50"] + row["select_merge_ms"]["p50"]) / vz, 4)

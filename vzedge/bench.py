@@ -40,16 +40,39 @@ def measure(
     fn: Callable[[], Any], warmup: int = 2, iters: int = 10, device: torch.device | str | None = None
 ) -> dict[str, float]:
     """Run `fn` `warmup` times untimed, then `iters` times; latency percentiles in milliseconds."""
+    return measure_side_by_side({"fn": fn}, warmup, iters, device)["fn"]
+
+
+def measure_side_by_side(
+    fns: dict[str, Callable[[], Any]], warmup: int = 2, iters: int = 10, device: torch.device | str | None = None
+) -> dict[str, dict[str, float]]:
+    """Time several variants round-robin (one call of each per round), so that load from other
+    processes on a shared machine hits all of them alike and their ratios stay meaningful."""
     for _ in range(warmup):
-        fn()
+        for fn in fns.values():
+            fn()
     _sync(device)
-    samples = []
+    samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return {k: (round(v, 3) if k != "n" else v) for k, v in percentiles(samples).items()}
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+    return {
+        name: {k: (round(v, 3) if k != "n" else v) for k, v in percentiles(s).items()} for name, s in samples.items()
+    }
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def conditions(**extra: Any) -> dict[str, Any]:
@@ -57,7 +80,7 @@ def conditions(**extra: Any) -> dict[str, Any]:
     import transformers
 
     info: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor()})",
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({cpu_name()})",
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),

@@ -20,6 +20,7 @@ _EXTRAS = {
     "bitsandbytes": "bnb",
     "gptqmodel": "awq",
     "matplotlib": "plot",
+    "cv2": "video",
 }
 
 

@@ -31,7 +31,8 @@ def percentiles(samples: list[float]) -> dict[str, float]:
     }
 
 
-def _sync(device: torch.device | str | None) -> None:
+def sync(device: torch.device | str | None) -> None:
+    """Wait for queued device work so that a timer read after it is honest."""
     if device is not None and torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -51,13 +52,13 @@ def measure_side_by_side(
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    _sync(device)
+    sync(device)
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(iters):
         for name, fn in fns.items():
             t0 = time.perf_counter()
             fn()
-            _sync(device)
+            sync(device)
             samples[name].append((time.perf_counter() - t0) * 1e3)
     return {
         name: {k: (round(v, 3) if k != "n" else v) for k, v in percentiles(s).items()} for name, s in samples.items()

@@ -1,0 +1,184 @@
+"""The library calls behind `vzedge run`, `vzedge chat` and `vzedge bench`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vzedge.runtime.backends.llm import LLMBackend
+from vzedge.runtime.backends.vision import VisionBackend, open_vision_backend
+from vzedge.runtime.config import RunConfig
+from vzedge.runtime.metrics import FrameRecord, MemorySampler, RunMetrics
+from vzedge.runtime.scheduler import Pipeline, StageError
+from vzedge.runtime.sources import open_source
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Session:
+    """A loaded model ready to run: what `run`, `chat` and `bench` share (load once, run many)."""
+
+    cfg: RunConfig
+    loaded: Any
+    vision: VisionBackend
+    llm: LLMBackend
+    device: str
+    load_s: float
+
+
+def load_session(cfg: RunConfig) -> Session:
+    """Load the LLM (quantized if asked), the vision backend and the LLM backend."""
+    t0 = time.perf_counter()
+    device = cfg.resolved_device()
+    if cfg.quant == "none":
+        from vzedge.models.loading import load_model
+
+        loaded = load_model(cfg.model)
+        if loaded.vlm is None:
+            raise ValueError(f"{cfg.model!r} is a bare vision encoder: the runtime needs a LLaVA model for the LLM")
+        loaded.vlm.to(device)
+    else:
+        from vzedge.quant import QuantConfig, load_quantized
+
+        loaded = load_quantized(cfg.model, QuantConfig(method=cfg.quant), device=device)
+    vision = open_vision_backend(cfg.vision, loaded, cfg.visionzip, cfg.vision_backend, device)
+    llm = LLMBackend(loaded.vlm, loaded.processor.tokenizer, cfg.template)
+    log.info("loaded %s: vision %s (%d tokens), LLM %s", cfg.model, vision.name, vision.num_tokens, cfg.quant)
+    return Session(cfg, loaded, vision, llm, device, time.perf_counter() - t0)
+
+
+def _report(session: Session, pipe: Pipeline, sampler: MemorySampler, title: str) -> dict[str, Any]:
+    from vzedge.bench import conditions
+
+    cfg = session.cfg
+    summary = pipe.metrics.summary()
+    return {
+        "title": title,
+        "config": cfg.to_dict(),
+        "device": session.device,
+        "vision_backend": session.vision.name,
+        "image_tokens": session.vision.num_tokens,
+        "quant": cfg.quant,
+        "load_s": round(session.load_s, 3),
+        "interrupted": pipe.interrupted,
+        "conditions": conditions(),
+        "summary": summary,
+        "frames": pipe.metrics.records(),
+        "memory_samples": sampler.samples,
+    }
+
+
+def run(
+    cfg: RunConfig,
+    session: Session | None = None,
+    on_frame: Callable[[FrameRecord], None] | None = None,
+    title: str = "vzedge run",
+) -> dict[str, Any]:
+    """Run the perception loop over `cfg.source`; returns the report (see vzedge.runtime.report)."""
+    session = session or load_session(cfg)
+    source = open_source(cfg.source, cfg.frames)
+    metrics = RunMetrics()
+    sampler = MemorySampler(cfg.memory_interval_s).start()
+    metrics.memory = sampler
+    pipe = Pipeline(
+        session.vision,
+        session.llm,
+        cfg.prompt,
+        policy=cfg.policy,
+        queue_size=cfg.queue_size,
+        max_new_tokens=cfg.max_new_tokens,
+        on_error=cfg.on_error,
+        token_cache=cfg.token_cache,
+        metrics=metrics,
+        on_frame=on_frame,
+    )
+    try:
+        if cfg.pipelined:
+            pipe.run_pipelined(source)
+        else:
+            pipe.run_sequential(source)
+    finally:
+        sampler.stop()
+    report = _report(session, pipe, sampler, title)
+    if pipe.first_error is not None and cfg.on_error == "stop":
+        report["stopped_by_error"] = f"{type(pipe.first_error).__name__}: {pipe.first_error}"
+    return report
+
+
+@torch.inference_mode()
+def chat(cfg: RunConfig, questions: list[str], session: Session | None = None) -> dict[str, Any]:
+    """Several questions about one image: the image's tokens and KV prefix are computed once."""
+    from PIL import Image
+
+    from vzedge.images import load_image
+
+    if not questions:
+        raise ValueError("chat needs at least one question")
+    session = session or load_session(cfg)
+    image: Image.Image = load_image(cfg.source)
+    t0 = time.perf_counter()
+    pixels = session.vision.preprocess.batch([image])
+    t1 = time.perf_counter()
+    tokens = session.vision.encode(pixels)
+    t2 = time.perf_counter()
+    prefix = session.llm.prefill_image(tokens[:1])
+    turns = []
+    for i, q in enumerate(questions):
+        ans = session.llm.answer(prefix, q, cfg.max_new_tokens)
+        turns.append(
+            {
+                "question": q,
+                "answer": ans.text,
+                "ttft_ms": round(ans.ttft_ms + (prefix.prefill_ms if i == 0 else 0.0), 3),
+                "question_prefill_ms": round(ans.prefill_ms, 3),
+                "decode_ms_per_token": round(ans.decode_ms_per_token, 3),
+                "new_tokens": len(ans.token_ids),
+            }
+        )
+    return {
+        "image": cfg.source,
+        "vision_backend": session.vision.name,
+        "image_tokens": session.vision.num_tokens,
+        "preprocess_ms": round((t1 - t0) * 1e3, 3),
+        "vision_ms": round((t2 - t1) * 1e3, 3),
+        "image_prefill_ms": round(prefix.prefill_ms, 3),
+        "prefix_tokens": prefix.length,
+        "turns": turns,
+    }
+
+
+def bench(cfg: RunConfig, session: Session | None = None) -> dict[str, Any]:
+    """The loop on synthetic frames (`cfg.frames` of them), sequential then pipelined, side by side."""
+    frames = cfg.frames or 50
+    session = session or load_session(cfg)
+    out: dict[str, Any] = {"frames": frames}
+    for mode in ("sequential", "pipelined"):
+        mode_cfg = RunConfig(**{**cfg.__dict__, "source": f"synthetic:{frames}", "pipelined": mode == "pipelined"})
+        out[mode] = run(mode_cfg, session, title=f"vzedge bench ({mode})")
+    seq, pipe = out["sequential"]["summary"], out["pipelined"]["summary"]
+    stages = seq["stages_ms"]
+    slowest = max(
+        stages.get("preprocess", {}).get("p50", 0.0) + stages.get("vision", {}).get("p50", 0.0),
+        stages.get("end_to_end", {}).get("p50", 0.0)
+        - stages.get("preprocess", {}).get("p50", 0.0)
+        - stages.get("vision", {}).get("p50", 0.0)
+        - stages.get("capture", {}).get("p50", 0.0),
+    )
+    out["comparison"] = {
+        "sequential_fps": seq["frames_per_s"],
+        "pipelined_fps": pipe["frames_per_s"],
+        "pipelined_over_sequential": round(pipe["frames_per_s"] / seq["frames_per_s"], 3)
+        if seq["frames_per_s"]
+        else None,
+        "bound_fps_1_over_slowest_stage": round(1e3 / slowest, 3) if slowest > 0 else None,
+    }
+    return out
+
+
+__all__ = ["RunConfig", "Session", "StageError", "bench", "chat", "load_session", "run"]

@@ -1,0 +1,1 @@
+"""Vision backends (PyTorch, ONNX Runtime, TensorRT) and the LLM backend."""

@@ -1,0 +1,122 @@
+"""The LLM stage: image tokens in through `inputs_embeds`, a per-frame prefix KV cache, greedy decode.
+
+VisionZip is text-agnostic, so the KV cache of [prompt prefix + image tokens] is computed once per
+frame and every question about that frame starts from it: after an answer the cache is cropped back
+to the prefix instead of being copied.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vzedge.bench import sync
+
+DEFAULT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
+
+
+@dataclass
+class Prefix:
+    cache: Any  # transformers Cache holding [prefix text + image tokens]
+    length: int
+    prefill_ms: float
+
+
+@dataclass
+class Answer:
+    text: str
+    token_ids: list[int]
+    prefill_ms: float  # the question's prefill (the image prefix is in Prefix.prefill_ms)
+    ttft_ms: float
+    decode_ms_per_token: float
+    first_logits: torch.Tensor
+
+
+class LLMBackend:
+    """Wraps a LLaVA model's language model, embeddings and LM head (quantized or not)."""
+
+    def __init__(self, vlm: Any, tokenizer: Any, template: str = DEFAULT_TEMPLATE, image_token: str = "<image>"):
+        if template.count(image_token) != 1 or "{question}" not in template:
+            raise ValueError(
+                f"prompt template {template!r} needs exactly one {image_token} placeholder and a {{question}} field"
+            )
+        self.vlm = vlm
+        self.tokenizer = tokenizer
+        self.lm = vlm.model.language_model
+        self.embed = vlm.get_input_embeddings()
+        self.lm_head = vlm.lm_head
+        self.prefix_text, self.suffix_template = template.split(image_token)
+        self.eos_id = tokenizer.eos_token_id
+        self.device = self.embed.weight.device
+        self.dtype = self.embed.weight.dtype
+        self.hidden_size = int(self.embed.weight.shape[1])
+
+    def _ids(self, text: str, bos: bool) -> torch.Tensor:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if bos and self.tokenizer.bos_token_id is not None:
+            ids = [self.tokenizer.bos_token_id, *ids]
+        return torch.tensor([ids], dtype=torch.long, device=self.device)
+
+    @torch.inference_mode()
+    def prefill_image(self, image_tokens: torch.Tensor) -> Prefix:
+        """KV cache of [BOS + template prefix + image tokens]; image_tokens [1, K, D_llm] or [K, D_llm]."""
+        from transformers import DynamicCache
+
+        if image_tokens.dim() == 2:
+            image_tokens = image_tokens.unsqueeze(0)
+        if image_tokens.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"image tokens are {image_tokens.shape[-1]} wide but the LLM takes {self.hidden_size}: "
+                "export the vision graph with --projector or run the projector first"
+            )
+        t0 = time.perf_counter()
+        prefix = self.embed(self._ids(self.prefix_text, bos=True))
+        embeds = torch.cat([prefix, image_tokens.to(self.device, self.dtype)], dim=1)
+        cache = DynamicCache(config=self.vlm.config.text_config)
+        self.lm(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
+        sync(self.device)
+        return Prefix(cache=cache, length=embeds.shape[1], prefill_ms=(time.perf_counter() - t0) * 1e3)
+
+    @torch.inference_mode()
+    def answer(self, prefix: Prefix, question: str, max_new_tokens: int = 32) -> Answer:
+        """Greedy answer to `question` about the prefix's image; the prefix cache is left as it was."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        cache = prefix.cache
+        try:
+            t0 = time.perf_counter()
+            ids = self._ids(self.suffix_template.format(question=question), bos=False)
+            h = self.lm(inputs_embeds=self.embed(ids), past_key_values=cache, use_cache=True).last_hidden_state
+            logits = self.lm_head(h[:, -1]).float()
+            sync(self.device)
+            t_prefill = time.perf_counter()
+            first_logits = logits[0].clone()
+            out: list[int] = []
+            token = int(logits.argmax(-1))
+            t_first = time.perf_counter()
+            while True:
+                out.append(token)
+                if token == self.eos_id or len(out) >= max_new_tokens:
+                    break
+                step = torch.tensor([[token]], device=self.device)
+                h = self.lm(inputs_embeds=self.embed(step), past_key_values=cache, use_cache=True).last_hidden_state
+                token = int(self.lm_head(h[:, -1]).argmax(-1))
+            t_end = time.perf_counter()
+        finally:
+            # Roll the cache back to [prefix + image]; transformers 5 crops by a negative token count.
+            extra = cache.get_seq_length() - prefix.length
+            if extra > 0:
+                cache.crop(-extra)
+        decoded = [t for t in out if t != self.eos_id]
+        n_decode = max(1, len(out) - 1)
+        return Answer(
+            text=self.tokenizer.decode(decoded, skip_special_tokens=True).strip(),
+            token_ids=out,
+            prefill_ms=(t_prefill - t0) * 1e3,
+            ttft_ms=(t_first - t0) * 1e3,
+            decode_ms_per_token=(t_end - t_first) * 1e3 / n_decode,
+            first_logits=first_logits,
+        )

@@ -1,0 +1,61 @@
+"""ONNX Runtime vision backend (CPU, CUDA or TensorRT execution provider), driven by the manifest."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vzedge._deps import require
+from vzedge.ort_providers import ort_tensorrt_providers, providers_for
+from vzedge.runtime.backends.vision import VisionBackend
+from vzedge.runtime.preprocess import Preprocess
+
+log = logging.getLogger(__name__)
+
+
+class OrtVisionBackend(VisionBackend):
+    def __init__(self, folder: Path, manifest: dict[str, Any], backend: str = "auto", projector: Any = None) -> None:
+        ort = require("onnxruntime", "the ONNX Runtime vision backend")
+        graph = manifest["graph"]
+        self.manifest = manifest
+        self.input_name = graph["inputs"][0]["name"]
+        self.output_name = graph["outputs"][0]["name"]
+        self.num_tokens = int(manifest["visionzip"]["dominant"]) + int(manifest["visionzip"]["contextual"])
+        self.preprocess = Preprocess.from_manifest(manifest["preprocess"])
+        self.max_batch = int(graph.get("batch", {}).get("max", 1))
+        available = ort.get_available_providers()
+        if backend == "ort-trt":
+            if "TensorrtExecutionProvider" not in available:
+                raise ValueError(
+                    f"--vision-backend ort-trt: this onnxruntime offers {available}; install onnxruntime-gpu built "
+                    "with TensorRT"
+                )
+            h, w = self.preprocess.output_size
+            providers = ort_tensorrt_providers(folder / "trt_cache", self.input_name, (3, h, w), self.max_batch)
+        else:
+            providers = providers_for(backend, available)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(str(folder / graph["file"]), sess_options=opts, providers=providers)
+        self.providers = self.session.get_providers()
+        self.name = f"ort-{self.providers[0].replace('ExecutionProvider', '').lower()}"
+        # An export without --projector gives vision-width tokens: the LLM model's projector runs after it.
+        self.projector = projector.projector if projector is not None else None
+        self.projected = True if projector is not None else bool(manifest["projector"])
+        log.info("ORT vision graph %s on %s", graph["file"], self.providers)
+
+    @torch.inference_mode()
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if pixel_values.shape[0] > self.max_batch:
+            raise ValueError(f"batch {pixel_values.shape[0]} exceeds the export's max batch {self.max_batch}")
+        x = np.ascontiguousarray(pixel_values.detach().cpu().numpy().astype(np.float32))
+        (tokens,) = self.session.run([self.output_name], {self.input_name: x})
+        out = torch.from_numpy(np.asarray(tokens, dtype=np.float32))
+        if self.projector is not None:
+            p = next(self.projector.parameters())
+            out = self.projector(out.to(p.device, p.dtype))
+        return out

@@ -1,0 +1,148 @@
+"""Vision backends behind one interface: pixels [B, 3, H, W] -> image tokens [B, K, D].
+
+`open_vision_backend` picks one from an export folder's manifest (TensorRT engine, ONNX Runtime with
+the TensorRT / CUDA / CPU execution provider) or falls back to PyTorch (`VisionZipEncoder`) when
+nothing was exported.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vzedge.runtime.preprocess import Preprocess
+
+log = logging.getLogger(__name__)
+
+
+class VisionBackend:
+    """pixels -> tokens. `projected` says whether tokens are already in the LLM's width."""
+
+    name = "vision"
+    num_tokens: int
+    projected: bool
+    preprocess: Preprocess
+    manifest: dict[str, Any] | None = None
+
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class TorchVisionBackend(VisionBackend):
+    """VisionZipEncoder + the model's projector in PyTorch (cfg None: all tokens, the stock path)."""
+
+    def __init__(self, loaded: Any, cfg: Any | None, device: str = "cpu") -> None:
+        from vzedge.encoder import VisionZipEncoder
+        from vzedge.models import adapt_vision_tower
+        from vzedge.runtime.preprocess import from_image_processor
+
+        tower = adapt_vision_tower(loaded.vision)
+        self.device = torch.device(device)
+        self.cfg = cfg
+        self.projector = loaded.projector
+        self.projected = self.projector is not None
+        self.vlm = loaded.vlm
+        if cfg is not None:
+            self.encoder = VisionZipEncoder(loaded.vision, cfg).eval()
+            self.num_tokens = cfg.num_tokens
+            self.name = f"torch-visionzip-{cfg.num_tokens}"
+        else:
+            self.encoder = None
+            strategy = getattr(getattr(loaded.vlm, "config", None), "vision_feature_select_strategy", "full")
+            self.num_tokens = tower.num_patches if (tower.has_cls and strategy == "default") else tower.seq_len
+            self.name = f"torch-all-{self.num_tokens}"
+        self.preprocess = from_image_processor(
+            loaded.image_processor, tower.image_size, tower.image_mean, tower.image_std
+        )
+
+    @torch.inference_mode()
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        pixel_values = pixel_values.to(self.device)
+        if self.encoder is None:
+            feats = self.vlm.model.get_image_features(
+                pixel_values=pixel_values,
+                vision_feature_layer=self.vlm.config.vision_feature_layer,
+                vision_feature_select_strategy=self.vlm.config.vision_feature_select_strategy,
+            ).pooler_output
+            return torch.stack(list(feats))
+        tokens = self.encoder(pixel_values).tokens
+        return self.projector(tokens) if self.projector is not None else tokens
+
+
+class TokenCache:
+    """Image tokens by content (sha256 of the preprocessed pixels), least recently used evicted."""
+
+    def __init__(self, capacity: int = 8) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(pixel_values: torch.Tensor) -> str:
+        import hashlib
+
+        return hashlib.sha256(pixel_values.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+    def get(self, key: str) -> torch.Tensor | None:
+        if self.capacity <= 0:
+            return None
+        value = self._items.get(key)
+        if value is None:
+            self.misses += 1
+            return None
+        self._items.move_to_end(key)
+        self.hits += 1
+        return value
+
+    def put(self, key: str, value: torch.Tensor) -> None:
+        if self.capacity <= 0:
+            return
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def check_manifest_matches(manifest: dict[str, Any], loaded: Any) -> None:
+    """Refuse an export made from another model than the one the LLM comes from."""
+    src = manifest.get("source", {})
+    if loaded is not None and src.get("source") != loaded.source:
+        raise ValueError(
+            f"the export was made from {src.get('source')!r} but --model is {loaded.source!r}: "
+            "export this model (vzedge export --model ...) or pass the matching --model"
+        )
+
+
+def open_vision_backend(
+    export_dir: str | None,
+    loaded: Any,
+    cfg: Any | None,
+    backend: str = "auto",
+    device: str = "cpu",
+) -> VisionBackend:
+    """`backend`: auto | torch | ort | ort-cpu | ort-cuda | ort-trt | trt."""
+    if backend not in ("auto", "torch", "ort", "ort-cpu", "ort-cuda", "ort-trt", "trt"):
+        raise ValueError(f"unknown vision backend {backend!r}; use auto, torch, ort, ort-cpu, ort-cuda, ort-trt or trt")
+    if export_dir is None or backend == "torch":
+        if backend not in ("auto", "torch"):
+            raise ValueError(f"--vision-backend {backend} needs an export folder: pass --vision DIR")
+        return TorchVisionBackend(loaded, cfg, device)
+    from vzedge.manifest import read_manifest, verify_files
+
+    manifest = read_manifest(export_dir)
+    verify_files(export_dir, manifest)
+    check_manifest_matches(manifest, loaded)
+    if backend == "trt" or (backend == "auto" and manifest.get("tensorrt") and torch.cuda.is_available()):
+        from vzedge.runtime.backends.trt import TensorRTVisionBackend
+
+        return TensorRTVisionBackend(Path(export_dir), manifest)
+    from vzedge.runtime.backends.ort import OrtVisionBackend
+
+    return OrtVisionBackend(Path(export_dir), manifest, backend, projector=None if manifest["projector"] else loaded)

@@ -1,0 +1,75 @@
+"""RunConfig: one validated dataclass for `vzedge run`, `vzedge chat` and `vzedge bench`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vzedge.visionzip import VisionZipConfig
+
+POLICIES = ("latest", "all")
+BACKENDS = ("auto", "torch", "ort", "ort-cpu", "ort-cuda", "ort-trt", "trt")
+QUANT_METHODS = ("none", "bnb-int8", "bnb-nf4", "bnb-fp4", "awq")
+_QUANT_ALIASES = {"int8": "bnb-int8", "nf4": "bnb-nf4", "fp4": "bnb-fp4"}
+
+
+@dataclass
+class RunConfig:
+    """model: 'tiny', a folder or a hub id (the LLM, and the vision tower for the torch backend).
+    vision: an export folder (manifest.json) or None for PyTorch VisionZip (visionzip=None: all tokens).
+    source: image, folder, video, camera:K, synthetic[:N] or demo. frames: cap on frames read.
+    policy: 'latest' drops stale frames (robotics default), 'all' processes every frame.
+    """
+
+    model: str = "tiny"
+    vision: str | None = None
+    vision_backend: str = "auto"
+    visionzip: VisionZipConfig | None = field(default_factory=VisionZipConfig)
+    quant: str = "none"
+    source: str = "demo"
+    frames: int | None = None
+    prompt: str = "What is in the image?"
+    template: str = "USER: <image>\n{question} ASSISTANT:"
+    policy: str = "latest"
+    queue_size: int = 1
+    pipelined: bool = True
+    max_new_tokens: int = 16
+    on_error: str = "stop"
+    token_cache: int = 8
+    device: str = "auto"
+    memory_interval_s: float = 0.25
+
+    def __post_init__(self) -> None:
+        self.quant = _QUANT_ALIASES.get(self.quant, self.quant)
+        if self.quant not in QUANT_METHODS:
+            raise ValueError(f"quant {self.quant!r} is not one of {QUANT_METHODS} (or int8/nf4/fp4)")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy {self.policy!r}: use 'latest' (drop stale frames) or 'all'")
+        if self.vision_backend not in BACKENDS:
+            raise ValueError(f"vision backend {self.vision_backend!r} is not one of {BACKENDS}")
+        if self.frames is not None and self.frames < 1:
+            raise ValueError(f"frames must be >= 1, got {self.frames}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.queue_size < 1:
+            raise ValueError(f"queue_size must be >= 1, got {self.queue_size}")
+        if self.on_error not in ("stop", "continue"):
+            raise ValueError(f"on_error {self.on_error!r}: use 'stop' or 'continue'")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device {self.device!r}: use auto, cpu or cuda[:N]")
+        if "<image>" not in self.template or "{question}" not in self.template:
+            raise ValueError(
+                f"prompt template {self.template!r} needs an <image> placeholder and a {{question}} field, "
+                "e.g. 'USER: <image>\\n{question} ASSISTANT:'"
+            )
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["visionzip"] = self.visionzip.to_dict() if self.visionzip is not None else None
+        return d

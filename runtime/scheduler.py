@@ -1,0 +1,242 @@
+"""The perception loop: capture -> preprocess + vision -> LLM, sequential or pipelined.
+
+Pipelined, each stage runs on its own thread with a bounded queue in front of it, so the vision
+stage of frame t+1 overlaps the LLM stage of frame t (on CUDA each worker uses its own stream).
+Policy `latest` (the robotics default) replaces a waiting frame with the newer one and counts the
+old one as dropped; `all` blocks capture instead. Every frame ends processed, dropped or failed:
+none is lost silently, including on Ctrl-C or when a stage throws.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vzedge.bench import sync
+from vzedge.runtime.backends.llm import LLMBackend, Prefix
+from vzedge.runtime.backends.vision import TokenCache, VisionBackend
+from vzedge.runtime.metrics import FrameRecord, RunMetrics
+from vzedge.runtime.sources import Frame, Source
+
+log = logging.getLogger(__name__)
+
+_END = object()
+_POLL_S = 0.05
+
+
+@dataclass
+class _Item:
+    frame: Frame
+    tokens: torch.Tensor | None = None
+    key: str | None = None
+
+
+class StageError(RuntimeError):
+    """A stage threw and the loop was told to stop (on_error='stop')."""
+
+
+class Pipeline:
+    """Runs frames from `source` through the vision and LLM backends, recording into `metrics`."""
+
+    def __init__(
+        self,
+        vision: VisionBackend,
+        llm: LLMBackend,
+        prompt: str,
+        *,
+        policy: str = "latest",
+        queue_size: int = 1,
+        max_new_tokens: int = 16,
+        on_error: str = "stop",
+        token_cache: int = 8,
+        metrics: RunMetrics | None = None,
+        on_frame: Callable[[FrameRecord], None] | None = None,
+    ) -> None:
+        if policy not in ("latest", "all"):
+            raise ValueError(f"policy {policy!r} is not 'latest' (drop stale frames) or 'all' (process every frame)")
+        if on_error not in ("stop", "continue"):
+            raise ValueError(f"on_error {on_error!r} is not 'stop' or 'continue'")
+        if queue_size < 1:
+            raise ValueError(f"queue_size must be >= 1, got {queue_size}")
+        self.vision, self.llm, self.prompt = vision, llm, prompt
+        self.policy, self.queue_size, self.max_new_tokens = policy, queue_size, max_new_tokens
+        self.on_error = on_error
+        self.cache = TokenCache(token_cache)
+        self.metrics = metrics or RunMetrics()
+        self.on_frame = on_frame
+        self.stop = threading.Event()
+        self.interrupted = False
+        self.first_error: BaseException | None = None
+        self._last_prefix: tuple[str, Prefix] | None = None
+
+    # -- stages ---------------------------------------------------------------------------------
+    def _vision_stage(self, item: _Item) -> None:
+        m, idx = self.metrics, item.frame.index
+        t0 = time.perf_counter()
+        pixels = self.vision.preprocess.batch([item.frame.image])
+        t1 = time.perf_counter()
+        m.stage(idx, "preprocess", (t1 - t0) * 1e3)
+        item.key = TokenCache.key(pixels)
+        tokens = self.cache.get(item.key)
+        hit = tokens is not None
+        if tokens is None:
+            tokens = self.vision.encode(pixels)
+            sync(tokens.device)
+            self.cache.put(item.key, tokens)
+        m.frame(idx).cache_hit = hit
+        m.stage(idx, "vision", (time.perf_counter() - t1) * 1e3)
+        item.tokens = tokens
+
+    def _llm_stage(self, item: _Item) -> None:
+        m, idx = self.metrics, item.frame.index
+        assert item.tokens is not None and item.key is not None
+        if self._last_prefix is not None and self._last_prefix[0] == item.key:
+            prefix, prefill_ms = self._last_prefix[1], 0.0
+        else:
+            self._last_prefix = None  # free the previous frame's KV before building this one
+            prefix = self.llm.prefill_image(item.tokens[:1])
+            prefill_ms = prefix.prefill_ms
+            self._last_prefix = (item.key, prefix)
+        ans = self.llm.answer(prefix, self.prompt, self.max_new_tokens)
+        rec = m.frame(idx)
+        m.stage(idx, "prefill", prefill_ms + ans.prefill_ms)
+        m.stage(idx, "ttft", prefill_ms + ans.ttft_ms)
+        m.stage(idx, "decode_per_token", ans.decode_ms_per_token)
+        rec.new_tokens, rec.answer = len(ans.token_ids), ans.text
+        m.stage(idx, "end_to_end", (time.perf_counter() - item.frame.captured_at) * 1e3 + item.frame.capture_ms)
+        m.processed(idx)
+        if self.on_frame is not None:
+            self.on_frame(rec)
+
+    def _guarded(self, stage: str, item: _Item, fn: Callable[[_Item], None]) -> bool:
+        try:
+            fn(item)
+            return True
+        except Exception as err:  # a stage that throws is reported and the frame counted, not lost
+            log.error("frame %d failed in %s: %s", item.frame.index, stage, err)
+            self.metrics.failed(item.frame.index, stage, err)
+            if self.on_frame is not None:
+                self.on_frame(self.metrics.frame(item.frame.index))
+            if self.on_error == "stop":
+                self.first_error = self.first_error or err
+                self.stop.set()
+            return False
+
+    def _captured(self, frame: Frame) -> _Item:
+        self.metrics.stage(frame.index, "capture", frame.capture_ms)
+        return _Item(frame)
+
+    # -- sequential ---------------------------------------------------------------------------
+    def run_sequential(self, source: Source) -> RunMetrics:
+        """One frame at a time through every stage (the baseline the pipelined loop is measured against)."""
+        try:
+            for frame in source:
+                item = self._captured(frame)
+                if self.stop.is_set():
+                    self.metrics.dropped(frame.index, "shutdown")
+                    break
+                if self._guarded("vision", item, self._vision_stage):
+                    self._guarded("llm", item, self._llm_stage)
+                if self.stop.is_set():
+                    break
+        except KeyboardInterrupt:
+            self.interrupted = True
+        finally:
+            source.close()
+            self.metrics.finish()
+        return self.metrics
+
+    # -- pipelined ------------------------------------------------------------------------------
+    def _put(self, q: queue.Queue, item: Any, stage: str) -> None:
+        """Put with the policy: `latest` replaces a waiting item (counted as dropped), `all` waits."""
+        while not self.stop.is_set():
+            try:
+                q.put(item, timeout=_POLL_S) if self.policy == "all" or item is _END else q.put_nowait(item)
+                return
+            except queue.Full:
+                if self.policy == "latest" and item is not _END:
+                    with contextlib.suppress(queue.Empty):
+                        stale = q.get_nowait()
+                        if stale is not _END:
+                            self.metrics.dropped(stale.frame.index, f"queue:{stage}")
+                            if self.on_frame is not None:
+                                self.on_frame(self.metrics.frame(stale.frame.index))
+        if item is not _END:
+            self.metrics.dropped(item.frame.index, "shutdown")
+
+    def _get(self, q: queue.Queue) -> Any:
+        while True:
+            try:
+                return q.get(timeout=_POLL_S)
+            except queue.Empty:
+                if self.stop.is_set():
+                    return _END
+
+    def _worker(self, inq: queue.Queue, outq: queue.Queue | None, stage: str, fn: Callable[[_Item], None]) -> None:
+        stream = torch.cuda.Stream() if torch.cuda.is_available() else None
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            while True:
+                item = self._get(inq)
+                if item is _END:
+                    break
+                if self.stop.is_set():
+                    self.metrics.dropped(item.frame.index, "shutdown")
+                    continue
+                if self._guarded(stage, item, fn) and outq is not None:
+                    self._put(outq, item, "llm")
+        if outq is not None:
+            self._put(outq, _END, "llm")
+        self._drain(inq)
+
+    def _drain(self, q: queue.Queue) -> None:
+        while True:
+            try:
+                item = q.get_nowait()
+            except queue.Empty:
+                return
+            if item is not _END:
+                self.metrics.dropped(item.frame.index, "shutdown")
+
+    def run_pipelined(self, source: Source) -> RunMetrics:
+        q_vision: queue.Queue = queue.Queue(maxsize=self.queue_size)
+        q_llm: queue.Queue = queue.Queue(maxsize=self.queue_size)
+        workers = [
+            threading.Thread(target=self._worker, args=(q_vision, q_llm, "vision", self._vision_stage), daemon=True),
+            threading.Thread(target=self._worker, args=(q_llm, None, "llm", self._llm_stage), daemon=True),
+        ]
+        for w in workers:
+            w.start()
+        try:
+            for frame in source:
+                item = self._captured(frame)
+                if self.stop.is_set():
+                    self.metrics.dropped(frame.index, "shutdown")
+                    break
+                self._put(q_vision, item, "vision")
+        except KeyboardInterrupt:
+            self.interrupted = True
+            self.stop.set()
+        finally:
+            self._put(q_vision, _END, "vision")
+            try:
+                for w in workers:
+                    while w.is_alive():
+                        w.join(timeout=0.2)
+            except KeyboardInterrupt:
+                self.interrupted = True
+                self.stop.set()
+                for w in workers:
+                    w.join(timeout=10)
+            self._drain(q_vision)
+            self._drain(q_llm)
+            source.close()
+            self.metrics.finish()
+        return self.metrics

@@ -31,29 +31,51 @@ def _llava_parts(model: nn.Module) -> nn.Module:
             f"{type(model).__name__} is not a LLaVA model: apply_visionzip expects a "
             "transformers LlavaForConditionalGeneration (use VisionZipEncoder for a bare vision model)"
         )
-    if "Next" in type(model).__name__ or "Next" in type(inner).__name__:
-        raise TypeError(
-            f"{type(model).__name__}: LLaVA-NeXT (anyres) compresses each crop and is not supported by "
-            "apply_visionzip yet; use a LLaVA-1.5 model or VisionZipEncoder on the crops"
-        )
     return inner
+
+
+def _anyres_family(inner: nn.Module):
+    """The module that handles an anyres LLaVA (NeXT, NeXT-Video, OneVision), or None for LLaVA-1.5."""
+    name = type(inner).__name__
+    if name in ("LlavaNextModel", "LlavaNextVideoModel"):
+        from vzedge.models import llava_next
+
+        return llava_next
+    if name == "LlavaOnevisionModel":
+        from vzedge.models import llava_onevision
+
+        return llava_onevision
+    return None
 
 
 def is_applied(model: nn.Module) -> bool:
     return _STATE in vars(_llava_parts(model))
 
 
-def apply_visionzip(model: nn.Module, cfg: VisionZipConfig | None = None, processor: Any | None = None) -> nn.Module:
+def apply_visionzip(
+    model: nn.Module,
+    cfg: VisionZipConfig | None = None,
+    processor: Any | None = None,
+    layout: str = "reference",
+) -> nn.Module:
     """Make `model.generate()` (and forward) see `cfg.num_tokens` image tokens per image.
 
     Replaces the model's `get_image_features` with VisionZip on its own vision tower followed by its
     own projector, and makes `processor` insert that many image placeholders. Undo with
     `remove_visionzip(model, processor)`. Returns the model.
+
+    LLaVA-NeXT, NeXT-Video and OneVision compress every crop and frame with `cfg` and arrange an anyres
+    image's crops by `layout` ("reference" or "newline", see `vzedge.models.llava_next`).
     """
     from vzedge.encoder import VisionZipEncoder
 
     cfg = cfg or VisionZipConfig()
     inner = _llava_parts(model)
+    family = _anyres_family(inner)
+    if family is not None:
+        return family.apply_visionzip(model, cfg, processor, layout=layout)
+    if layout != "reference":
+        raise ValueError(f"layout={layout!r} applies to anyres models (LLaVA-NeXT/OneVision); LLaVA-1.5 has one crop")
     if _STATE in vars(inner):
         raise ValueError("VisionZip is already applied to this model; call remove_visionzip(model) first")
     feature_layer = getattr(model.config, "vision_feature_layer", -2)
@@ -95,9 +117,10 @@ def remove_visionzip(model: nn.Module, processor: Any | None = None) -> nn.Modul
     if _STATE not in vars(inner):
         raise ValueError("VisionZip is not applied to this model")
     del vars(inner)[_STATE]
-    del vars(inner)["get_image_features"]
+    for name in ("get_image_features", "get_video_features"):
+        vars(inner).pop(name, None)
     if processor is not None:
-        for name in ("replace_image_token", "_get_num_multimodal_tokens", _STATE):
+        for name in ("replace_image_token", "replace_video_token", "_get_num_multimodal_tokens", _STATE):
             vars(processor).pop(name, None)
     return model
 
@@ -132,7 +155,8 @@ def _patch_processor(processor: Any, num_tokens: int) -> None:
     def get_num_multimodal_tokens(image_sizes=None, **kwargs: Any):
         data = original_count(processor, image_sizes=image_sizes, **kwargs)
         if image_sizes is not None:
-            data["num_image_tokens"] = [num_tokens] * len(image_sizes)
+            # MultiModalData (transformers 5.x) is a dataclass: no item assignment.
+            data.num_image_tokens = [num_tokens] * len(image_sizes)
         return data
 
     vars(processor)["replace_image_token"] = replace_image_token

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from vzedge._deps import bitsandbytes_available
 from vzedge.images import demo_image
 from vzedge.runtime.api import chat, load_session, run
 from vzedge.runtime.config import RunConfig
@@ -237,3 +238,15 @@ def test_preprocess_matches_the_model_processor(session):
     for im in (demo_image(), Image.new("RGB", (640, 360), (30, 120, 200)), Image.new("RGB", (301, 500), (9, 9, 9))):
         expect = ip(images=im, return_tensors="pt")["pixel_values"]
         torch.testing.assert_close(session.vision.preprocess.batch([im]), expect, atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(not bitsandbytes_available(), reason="needs bitsandbytes (vzedge[bnb])")
+def test_loop_with_a_quantized_llm():
+    import bitsandbytes as bnb
+
+    session = load_session(RunConfig(model="tiny-random", quant="nf4", **FAST))
+    layers = [m for m in session.loaded.vlm.model.language_model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 4 * 7, "every projection of the 4-layer LLM is 4-bit"
+    report = run(RunConfig(source="synthetic:3", policy="all", quant="nf4", **FAST), session)
+    assert _accounted(report, 3)["processed"] == 3
+    assert report["quant"] == "bnb-nf4"

@@ -118,7 +118,8 @@ def select_dominant(scores: torch.Tensor, dominant: int, has_cls: bool) -> torch
         idx = torch.cat([cls_idx, top], dim=1)
     else:
         idx = torch.topk(scores, dominant, dim=1).indices
-    return torch.sort(idx, dim=1).values
+    # Sorted as float: positions are exact in fp32 (< 2**24) and TensorRT's TopK takes FP32/FP16 only.
+    return torch.sort(idx.float(), dim=1).values.long()
 
 
 def remaining_positions(kept: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -130,7 +131,8 @@ def remaining_positions(kept: torch.Tensor, num_tokens: int) -> torch.Tensor:
     pos = torch.arange(num_tokens, device=kept.device).unsqueeze(0).expand(b, num_tokens)
     flags = torch.zeros(b, num_tokens, dtype=torch.long, device=kept.device)
     flags = flags.scatter(1, kept, torch.ones_like(kept))
-    order = torch.argsort(flags * num_tokens + pos, dim=1)
+    # Float keys (< N*N + N, exact in fp32): TensorRT's TopK, which argsort exports to, takes FP32/FP16 only.
+    order = torch.argsort((flags * num_tokens + pos).float(), dim=1)
     return order[:, : num_tokens - k]
 
 

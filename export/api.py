@@ -1,0 +1,300 @@
+"""`export_vision(cfg)`: the library call behind `vzedge export`.
+
+Load -> wrap VisionZipEncoder (+ projector) -> ONNX (dynamo) -> onnxslim -> op check -> parity gate
+-> optional TensorRT engine -> manifest, all inside a temp folder beside `cfg.out` that becomes
+`cfg.out` only when every step passed.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vzedge._deps import require
+from vzedge.encoder import VisionZipEncoder
+from vzedge.export.config import ExportConfig
+from vzedge.export.manifest import identity, identity_diff, tool_versions, write_manifest
+from vzedge.export.onnx_export import (
+    BATCH_DIM,
+    EXTERNAL_DATA_FILE,
+    INPUT_NAME,
+    MODEL_FILE,
+    OUTPUT_NAMES,
+    VisionGraph,
+    export_onnx,
+    graph_stats,
+    slim_onnx,
+)
+from vzedge.export.opcheck import check_tensorrt_ops, visionzip_precision
+from vzedge.export.parity import run_gate
+from vzedge.io import atomic_dir, sha256_file
+from vzedge.manifest import read_manifest
+
+log = logging.getLogger(__name__)
+
+TENSORRT_DIR = "tensorrt"
+PARTIAL_SUFFIX = ".partial"
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    manifest: dict[str, Any]
+
+    @property
+    def parity(self) -> dict[str, Any]:
+        return self.manifest["parity"]
+
+
+def _leftovers(out: Path) -> list[Path]:
+    """Temp folders of interrupted exports to `out` (atomic_dir names them .NAME.*.partial)."""
+    if not out.parent.is_dir():
+        return []
+    return sorted(out.parent.glob(f".{out.name}.*{PARTIAL_SUFFIX}"))
+
+
+def check_output_dir(out: Path, want: dict[str, Any], force: bool) -> None:
+    """Refuse an `out` we must not replace; raise before any expensive work."""
+    leftovers = _leftovers(out)
+    if leftovers:
+        if not force:
+            raise FileExistsError(
+                f"a previous export to {out} was interrupted and left {', '.join(str(p) for p in leftovers)}; "
+                "remove it, or pass --force to clean up and re-export"
+            )
+        for p in leftovers:
+            log.warning("removing leftover of an interrupted export: %s", p)
+            shutil.rmtree(p, ignore_errors=True)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; pass a folder path")
+    if out.is_dir() and any(out.iterdir()):
+        try:
+            have = identity(read_manifest(out))
+        except ValueError as err:
+            if not force:
+                raise FileExistsError(
+                    f"{out} holds files but no valid vzedge manifest (a half-written export or another tool's "
+                    f"folder): {err}. Pass --force to replace it, or choose another --out"
+                ) from err
+        else:
+            diff = identity_diff(have, want)
+            if diff and not force:
+                raise FileExistsError(
+                    f"{out} holds the export of a different model or config ({'; '.join(diff)}); "
+                    "pass --force to replace it, or choose another --out"
+                )
+    parent = out.parent if str(out.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent)
+    except OSError as err:
+        raise ValueError(f"cannot write beside {out} ({err}); choose a writable --out") from err
+    os.rmdir(probe)
+
+
+def _preprocess_spec(image_processor: Any, tower: Any) -> dict[str, Any]:
+    """What the runtime must do to an RGB image before the graph, from the model's image processor."""
+    mean, std = list(tower.image_mean), list(tower.image_std)
+    resize: dict[str, Any] = {"mode": "exact", "size": [tower.image_size, tower.image_size], "resample": "bicubic"}
+    crop = None
+    rescale = 1 / 255
+    if image_processor is not None:
+        mean = [float(x) for x in getattr(image_processor, "image_mean", mean)]
+        std = [float(x) for x in getattr(image_processor, "image_std", std)]
+        rescale = float(getattr(image_processor, "rescale_factor", rescale))
+        resample = getattr(image_processor, "resample", None)
+        name = getattr(resample, "name", None) or {2: "BILINEAR", 3: "BICUBIC"}.get(resample, "BICUBIC")
+        size = getattr(image_processor, "size", None)
+        shortest = getattr(size, "shortest_edge", None) if size is not None else None
+        if shortest is None and isinstance(size, dict):
+            shortest = size.get("shortest_edge")
+        if shortest:
+            resize = {"mode": "shortest_edge", "size": int(shortest), "resample": name.lower()}
+        else:
+            h = getattr(size, "height", None) or (size or {}).get("height", tower.image_size)
+            w = getattr(size, "width", None) or (size or {}).get("width", tower.image_size)
+            resize = {"mode": "exact", "size": [int(h), int(w)], "resample": name.lower()}
+        cs = getattr(image_processor, "crop_size", None)
+        if getattr(image_processor, "do_center_crop", False) and cs is not None:
+            ch = getattr(cs, "height", None) or cs.get("height")
+            cw = getattr(cs, "width", None) or cs.get("width")
+            crop = [int(ch), int(cw)]
+    return {
+        "resize": resize,
+        "center_crop": crop,
+        "rescale": rescale,
+        "mean": mean,
+        "std": std,
+        "channel_order": "RGB",
+        "layout": "NCHW",
+        "dtype": "float32",
+    }
+
+
+def _parity_inputs(cfg: ExportConfig, loaded: Any, tower: Any) -> dict[str, torch.Tensor]:
+    from vzedge.api import preprocess
+    from vzedge.images import demo_image
+
+    g = torch.Generator().manual_seed(cfg.parity_seed)
+    shape = (cfg.parity_batch, tower.num_channels, tower.image_size, tower.image_size)
+    return {
+        f"random_seed{cfg.parity_seed}": torch.randn(shape, generator=g),
+        "demo_image": preprocess(loaded, [demo_image(size=tower.image_size, seed=cfg.parity_seed)]).float(),
+    }
+
+
+def export_vision(cfg: ExportConfig) -> ExportResult:
+    """Export `cfg.model`'s vision encoder with VisionZip as one ONNX graph into `cfg.out` (see ExportConfig)."""
+    from vzedge.models.loading import load_model
+
+    if not isinstance(cfg, ExportConfig):
+        raise TypeError(f"cfg must be an ExportConfig, got {type(cfg).__name__}")
+    for module in ("onnx", "onnxruntime", "onnxscript", *(("onnxslim",) if cfg.slim else ())):
+        require(module, "vzedge export")
+    if cfg.trt:
+        require("tensorrt", "building a TensorRT engine (--trt)")
+    ort = require("onnxruntime", "the parity gate")
+
+    loaded = load_model(cfg.model, revision=cfg.revision)
+    if cfg.projector and loaded.projector is None:
+        raise ValueError(
+            f"{cfg.model!r} is a bare vision encoder without a projector; drop --projector or export a LLaVA model"
+        )
+    tuned = None
+    if cfg.projector_weights is not None:
+        from vzedge.tune import load_tuned_projector
+
+        tuned = load_tuned_projector(cfg.projector_weights, loaded.vlm, cfg.visionzip)
+    want = {
+        "model": loaded.source,
+        "revision": loaded.revision,
+        "visionzip": cfg.visionzip.to_dict(),
+        "projector": cfg.projector,
+        "dtype": cfg.dtype,
+        "opset": cfg.opset,
+    }
+    check_output_dir(cfg.out, want, cfg.force)
+
+    encoder = VisionZipEncoder(loaded.vision, cfg.visionzip).eval()  # raises on token counts that do not fit
+    projector = loaded.projector.eval() if cfg.projector and loaded.projector is not None else None
+    reference = VisionGraph(encoder, projector).eval()
+    if cfg.dtype == "fp16":
+        graph = VisionGraph(
+            VisionZipEncoder(copy.deepcopy(loaded.vision).half(), cfg.visionzip),
+            copy.deepcopy(projector).half() if projector is not None else None,
+        ).eval()
+    else:
+        graph = reference
+    tower = encoder.tower
+    out_width = projector[-1].out_features if projector is not None and hasattr(projector, "__getitem__") else None
+    if out_width is None and projector is not None:
+        with torch.no_grad():
+            out_width = int(projector(torch.zeros(1, 1, tower.hidden_size)).shape[-1])
+
+    with atomic_dir(cfg.out, replace=True) as tmp:
+        onnx_path = tmp / MODEL_FILE
+        timing = export_onnx(graph, onnx_path, cfg.opset, cfg.max_batch)
+        slim = slim_onnx(onnx_path) if cfg.slim else {"tool": None, "after": graph_stats(onnx_path)}
+
+        import onnx
+
+        proto = onnx.load(str(onnx_path), load_external_data=False)
+        opcheck = check_tensorrt_ops(proto).to_dict()
+        precision = visionzip_precision(proto)
+        _check_precision(precision)
+        del proto
+
+        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        parity = run_gate(session, reference, _parity_inputs(cfg, loaded, tower), cfg.dtype)
+        del session
+
+        trt_record = None
+        if cfg.trt:
+            trt_record = _build_trt(cfg, tmp, onnx_path, tower, opcheck)
+
+        k = cfg.visionzip.num_tokens
+        width = out_width or tower.hidden_size
+        token_dtype = "float16" if cfg.dtype == "fp16" else "float32"
+        manifest = write_manifest(
+            tmp,
+            {
+                "source": {
+                    "model": cfg.model,
+                    "source": loaded.source,
+                    "revision": loaded.revision,
+                    "family": tower.family,
+                    "image_size": tower.image_size,
+                    "patch_size": tower.patch_size,
+                    "seq_len": tower.seq_len,
+                    "num_layers": tower.num_layers,
+                    "hidden_size": tower.hidden_size,
+                    "output_width": width,
+                },
+                "visionzip": cfg.visionzip.to_dict(),
+                "projector": cfg.projector,
+                "projector_weights": tuned,
+                "graph": {
+                    "file": MODEL_FILE,
+                    "external_data": EXTERNAL_DATA_FILE if (tmp / EXTERNAL_DATA_FILE).exists() else None,
+                    "opset": cfg.opset,
+                    "dtype": cfg.dtype,
+                    "inputs": [
+                        {
+                            "name": INPUT_NAME,
+                            "shape": [BATCH_DIM, tower.num_channels, tower.image_size, tower.image_size],
+                            "dtype": "float32",
+                        }
+                    ],
+                    "outputs": [
+                        {"name": OUTPUT_NAMES[0], "shape": [BATCH_DIM, k, width], "dtype": token_dtype},
+                        {"name": OUTPUT_NAMES[1], "shape": [BATCH_DIM, cfg.visionzip.dominant], "dtype": "int64"},
+                    ],
+                    "batch": {"min": 1, "max": cfg.max_batch},
+                },
+                "preprocess": _preprocess_spec(loaded.image_processor, tower),
+                "tools": tool_versions(),
+                "export": timing,
+                "slim": slim,
+                "opcheck": opcheck,
+                "precision": precision,
+                "parity": parity,
+                "tensorrt": trt_record,
+            },
+        )
+    log.info("export written to %s", cfg.out)
+    return ExportResult(out=cfg.out, manifest=manifest)
+
+
+def _check_precision(precision: dict[str, Any]) -> None:
+    """VisionZip's scoring, key norm and merge must be float32 in every graph (the core casts them)."""
+    bad = {k: v for k, v in precision.items() if isinstance(v, list) and any("float32" not in t for t in v)}
+    if bad or not precision["TopK"]:
+        raise RuntimeError(f"VisionZip ops are not float32 in the exported graph: {precision}")
+    if precision["Pow_in_norm"]:
+        raise RuntimeError(f"the graph has a decomposed LayerNorm (Pow -> ReduceMean): {precision}")
+
+
+def _build_trt(cfg: ExportConfig, tmp: Path, onnx_path: Path, tower: Any, opcheck: dict[str, Any]) -> dict[str, Any]:
+    from vzedge.export.tensorrt import DEFAULT_WORKSPACE_MIB, TensorRTConfig, build_engine
+
+    if not opcheck["ok"]:
+        raise ValueError("the graph fails the TensorRT op check: " + "; ".join(opcheck["problems"]))
+    trt_cfg = TensorRTConfig(
+        onnx=onnx_path,
+        cache_dir=tmp / TENSORRT_DIR,
+        input_name=INPUT_NAME,
+        input_shape=(tower.num_channels, tower.image_size, tower.image_size),
+        max_batch=cfg.max_batch,
+        onnx_dtype=cfg.dtype,
+        fp16=True,
+        workspace_mib=cfg.trt_workspace_mib or DEFAULT_WORKSPACE_MIB,
+    )
+    return build_engine(trt_cfg, sha256_file(onnx_path))

@@ -1,0 +1,94 @@
+"""ExportConfig: everything `vzedge export` needs, validated once."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from vzedge.visionzip import VisionZipConfig
+
+ExportDtype = Literal["fp32", "fp16"]
+DTYPES: tuple[str, ...] = ("fp32", "fp16")
+
+# LayerNormalization, one per ViT layer, is an ONNX op from opset 17 on; below it the exporter would decompose it
+# into ReduceMean/Pow/Sqrt, whose fp16 Pow overflows on Jetson. 17 is also the newest TensorRT 8.6 parses.
+MIN_OPSET = 17
+# TensorRT 10.0's ONNX parser reads opsets 9-20 (onnx-tensorrt docs/operators.md); newer ones are not tested here.
+MAX_OPSET = 20
+DEFAULT_OPSET = 18  # torch.onnx's dynamo exporter emits 18 natively; other opsets go through its version converter
+MAX_BATCH_LIMIT = 1024
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """One export: model -> `out/` holding model.onnx, manifest.json and (with trt) a TensorRT engine.
+
+    model: 'tiny', a local folder or a hub id (a LLaVA-1.5 checkpoint or a bare CLIP/SigLIP vision model).
+    projector: append the LLaVA projector, so tokens come out in the LLM's embedding width.
+    dtype: weights and activations of the ViT layers; scoring, key normalisation and the merge stay fp32.
+    max_batch: the largest batch the graph (and the TensorRT profile) accepts; the batch dim is dynamic in [1, max].
+    force: replace an `out` that holds a different model's export, or leftovers of an interrupted one.
+    projector_weights: a `vzedge tune` folder whose tuned projector replaces the model's (checked against the
+        base model and `visionzip`; recorded in the manifest as "projector_weights").
+    """
+
+    model: str
+    out: Path
+    visionzip: VisionZipConfig = field(default_factory=VisionZipConfig)
+    projector: bool = False
+    dtype: ExportDtype = "fp32"
+    opset: int = DEFAULT_OPSET
+    max_batch: int = 8
+    trt: bool = False
+    trt_workspace_mib: int | None = None
+    force: bool = False
+    slim: bool = True
+    revision: str | None = None
+    parity_seed: int = 0
+    projector_weights: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ValueError("model is empty: pass --model tiny, a local folder, or a hub id such as owner/name")
+        if not isinstance(self.out, (str, os.PathLike)) or not str(self.out).strip():
+            raise ValueError("out is empty: pass --out DIR, the folder to write the export to")
+        object.__setattr__(self, "out", Path(self.out))
+        if not isinstance(self.visionzip, VisionZipConfig):
+            raise TypeError(f"visionzip must be a VisionZipConfig, got {type(self.visionzip).__name__}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is not one of {DTYPES}; use --dtype fp32 or --dtype fp16")
+        for name in ("opset", "max_batch", "parity_seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"ExportConfig.{name} must be an int, got {type(value).__name__} {value!r}")
+        if self.opset < MIN_OPSET:
+            raise ValueError(
+                f"opset {self.opset} is too old: LayerNormalization, used by every ViT layer, needs opset "
+                f"{MIN_OPSET}; use --opset {MIN_OPSET} (TensorRT 8.6) or --opset {DEFAULT_OPSET}"
+            )
+        if self.opset > MAX_OPSET:
+            raise ValueError(
+                f"opset {self.opset} is newer than TensorRT's ONNX parser reads (<= {MAX_OPSET}); "
+                f"use --opset {DEFAULT_OPSET}"
+            )
+        if not 1 <= self.max_batch <= MAX_BATCH_LIMIT:
+            raise ValueError(f"max_batch={self.max_batch}: use 1 <= --max-batch <= {MAX_BATCH_LIMIT} (e.g. 8)")
+        if self.trt_workspace_mib is not None and (
+            isinstance(self.trt_workspace_mib, bool)
+            or not isinstance(self.trt_workspace_mib, int)
+            or self.trt_workspace_mib < 64
+        ):
+            raise ValueError(f"trt_workspace_mib={self.trt_workspace_mib!r}: use an int >= 64 (MiB), or None")
+        if self.projector_weights is not None:
+            if not self.projector:
+                raise ValueError("projector_weights (a tuned projector) needs projector=True; pass --projector DIR")
+            object.__setattr__(self, "projector_weights", Path(self.projector_weights))
+        if self.revision is not None and not isinstance(self.revision, str):
+            raise TypeError(f"revision must be a string or None, got {type(self.revision).__name__}")
+
+    @property
+    def parity_batch(self) -> int:
+        """Random-input batch for the parity gate: 3 where the graph allows it, to check a batch > 1."""
+        return min(3, self.max_batch)

@@ -1,0 +1,156 @@
+"""The ONNX writer: trace VisionZipEncoder (plus the projector) into one graph, then clean it up.
+
+The graph is the encoder object itself, traced by torch.export (the dynamo ONNX exporter), not a
+reimplementation. The TorchScript exporter is not used: it lowers scatter-with-reduction to a
+ScatterElements without reduction and gives silently wrong output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vzedge._deps import require
+from vzedge.encoder import VisionZipEncoder
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "pixel_values"
+OUTPUT_NAMES = ("tokens", "kept_indices")
+BATCH_DIM = "batch"
+MODEL_FILE = "model.onnx"
+EXTERNAL_DATA_FILE = "model.onnx.data"
+# Protobuf cannot serialise a message over 2 GiB: bigger graphs keep their weights in EXTERNAL_DATA_FILE.
+PROTOBUF_LIMIT = 2 * 1024**3
+
+
+class VisionGraph(nn.Module):
+    """pixel_values [B, 3, H, W] -> (tokens [B, K, D or D_llm], kept_indices [B, dominant]).
+
+    A thin wrapper so the exported function returns a plain tuple; the math is the encoder's.
+    """
+
+    def __init__(self, encoder: VisionZipEncoder, projector: nn.Module | None = None) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.projector = projector
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.encoder(pixel_values)
+        tokens = out.tokens
+        if self.projector is not None:
+            tokens = self.projector(tokens)
+        return tokens, out.kept_indices
+
+
+def export_onnx(graph: VisionGraph, path: Path, opset: int, max_batch: int) -> dict[str, Any]:
+    """Write `graph` to `path` (weights beside it as external data when over 2 GiB). Returns timing info."""
+    require("onnxscript", "ONNX export")
+    tower = graph.encoder.tower
+    dtype = graph.encoder.dtype
+    # Example batch 2, not 1: torch.export specialises size-1 dims, which would pin the batch.
+    example_batch = 2 if max_batch >= 2 else 1
+    example = torch.randn(example_batch, tower.num_channels, tower.image_size, tower.image_size)
+    dynamic_shapes = None
+    if max_batch >= 2:
+        dynamic_shapes = {"pixel_values": {0: torch.export.Dim(BATCH_DIM, min=1, max=max_batch)}}
+    log.info("tracing %s (%s, opset %d, batch 1..%d)", type(tower.module).__name__, dtype, opset, max_batch)
+    t0 = time.perf_counter()
+    with torch.no_grad(), warnings.catch_warnings(), _quiet_exporter_logs():
+        warnings.simplefilter("ignore", category=FutureWarning)
+        program = torch.onnx.export(
+            graph.eval(),
+            (example,),
+            dynamo=True,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
+            dynamic_shapes=dynamic_shapes,
+            optimize=True,
+            verbose=False,
+        )
+    assert program is not None
+    seconds = time.perf_counter() - t0
+    save_model(program.model_proto, path)
+    log.info("exported %s in %.1f s", path.name, seconds)
+    return {"export_seconds": round(seconds, 2)}
+
+
+@contextlib.contextmanager
+def _quiet_exporter_logs() -> Iterator[None]:
+    """onnxscript/onnx_ir log every rewrite at INFO; keep `vzedge -v` output to our own progress lines."""
+    loggers = [logging.getLogger(n) for n in ("onnxscript", "onnx_ir", "torch.onnx")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def save_model(model: Any, path: Path) -> None:
+    """Save a ModelProto, with external data when its weights would pass protobuf's 2 GiB limit."""
+    onnx = require("onnx", "ONNX export")
+    big = _initializer_bytes(model) > PROTOBUF_LIMIT - 64 * 1024**2
+    data = path.with_name(EXTERNAL_DATA_FILE)
+    if data.exists():
+        data.unlink()
+    if big:
+        log.info("weights exceed 2 GiB: saving them to %s", data.name)
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
+    else:
+        onnx.save_model(model, str(path))
+
+
+def _initializer_bytes(model: Any) -> int:
+    total = 0
+    for init in model.graph.initializer:
+        total += len(init.raw_data) if init.raw_data else 0
+        for entry in init.external_data:
+            if entry.key == "length":
+                total += int(entry.value)
+    return total
+
+
+def graph_stats(path: Path) -> dict[str, int]:
+    """Node count and bytes on disk (graph + external data) of the ONNX model at `path`."""
+    onnx = require("onnx", "ONNX export")
+    model = onnx.load(str(path), load_external_data=False)
+    size = path.stat().st_size
+    data = path.with_name(EXTERNAL_DATA_FILE)
+    if data.exists():
+        size += data.stat().st_size
+    return {"nodes": len(model.graph.node), "bytes": size}
+
+
+def slim_onnx(path: Path) -> dict[str, Any]:
+    """Clean the graph up in place with onnxslim (constant folding, dead nodes, fusions); report before/after."""
+    onnx = require("onnx", "ONNX graph clean-up")
+    onnxslim = require("onnxslim", "ONNX graph clean-up")
+    before = graph_stats(path)
+    t0 = time.perf_counter()
+    model = onnx.load(str(path))
+    slimmed = onnxslim.slim(model)
+    if slimmed is None:
+        raise RuntimeError(f"onnxslim returned no model for {path}")
+    save_model(slimmed, path)
+    after = graph_stats(path)
+    log.info(
+        "onnxslim: %d -> %d nodes, %.1f -> %.1f MB in %.1f s",
+        before["nodes"],
+        after["nodes"],
+        before["bytes"] / 1e6,
+        after["bytes"] / 1e6,
+        time.perf_counter() - t0,
+    )
+    return {"tool": "onnxslim", "before": before, "after": after}

@@ -1,0 +1,173 @@
+"""The parity gate: the exported graph, run by ONNX Runtime, against the PyTorch VisionZipEncoder in fp32.
+
+Figures, per input set:
+- index_agreement: share of kept (dominant) positions that ORT and PyTorch both keep, over all images;
+- max_abs_diff (dominant rows), contextual_max_abs_diff, and min/mean cosine of the output tokens, over rows
+  paired by source (a dominant row with the reference row of the same position; the contextual rows of an
+  image whose whole selection agrees), so one flipped selection shows in the agreement figure instead of
+  swamping the others;
+- rows_compared: the share of rows those figures cover.
+
+fp16 graphs are compared with the fp32 model, since that is the answer they approximate; their thresholds
+allow fp16 rounding in the ViT layers and rare selection flips between near-tied scores.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ParityThresholds:
+    """Gate limits. The max-abs-diff limits are relative: MAX_ABS_DIFF_ATOL + rtol * max|reference|.
+
+    Dominant rows are gathered tokens, the same arithmetic on both sides. Contextual rows get a looser limit:
+    in flat image regions many keys are near-identical, so kernel rounding can move a member to another group
+    (an ArgMax over near-ties), which shifts that group's average a little without being an error.
+    """
+
+    max_abs_diff_rtol: float
+    contextual_max_abs_diff_rtol: float
+    min_cosine: float
+    min_index_agreement: float
+    min_rows_compared: float
+
+
+MAX_ABS_DIFF_ATOL = 1e-6
+# fp32: the same computation up to kernel order; ORT matches PyTorch to ~1e-6 relative at ViT-L size.
+FP32_THRESHOLDS = ParityThresholds(
+    max_abs_diff_rtol=1e-4,
+    contextual_max_abs_diff_rtol=1e-2,
+    min_cosine=0.99999,
+    min_index_agreement=0.99,
+    min_rows_compared=0.95,
+)
+# fp16: 10-bit mantissas through the ViT layers; scoring, selection and merge are fp32 but see fp16 inputs.
+FP16_THRESHOLDS = ParityThresholds(
+    max_abs_diff_rtol=0.02,
+    contextual_max_abs_diff_rtol=0.05,
+    min_cosine=0.999,
+    min_index_agreement=0.9,
+    min_rows_compared=0.75,
+)
+THRESHOLDS: dict[str, ParityThresholds] = {"fp32": FP32_THRESHOLDS, "fp16": FP16_THRESHOLDS}
+
+
+class ParityError(RuntimeError):
+    """The exported graph does not match PyTorch within the thresholds; nothing was written."""
+
+
+@dataclass
+class ParityFigures:
+    inputs: str
+    batch: int
+    max_abs_diff: float
+    contextual_max_abs_diff: float
+    max_abs_reference: float
+    min_cosine: float
+    mean_cosine: float
+    index_agreement: float
+    rows_compared: float
+
+    def failures(self, th: ParityThresholds) -> list[str]:
+        limit = MAX_ABS_DIFF_ATOL + th.max_abs_diff_rtol * self.max_abs_reference
+        ctx_limit = MAX_ABS_DIFF_ATOL + th.contextual_max_abs_diff_rtol * self.max_abs_reference
+        bad = []
+        if not self.max_abs_diff <= limit:
+            bad.append(f"max_abs_diff {self.max_abs_diff:.3g} > {limit:.3g}")
+        if not self.contextual_max_abs_diff <= ctx_limit:
+            bad.append(f"contextual max_abs_diff {self.contextual_max_abs_diff:.3g} > {ctx_limit:.3g}")
+        if not self.min_cosine >= th.min_cosine:
+            bad.append(f"min cosine {self.min_cosine:.6f} < {th.min_cosine}")
+        if not self.index_agreement >= th.min_index_agreement:
+            bad.append(f"index agreement {self.index_agreement:.4f} < {th.min_index_agreement}")
+        if not self.rows_compared >= th.min_rows_compared:
+            bad.append(f"rows compared {self.rows_compared:.3f} < {th.min_rows_compared}")
+        return [f"{self.inputs}: {b}" for b in bad]
+
+
+def compare(
+    name: str, tokens: np.ndarray, kept: np.ndarray, ref_tokens: torch.Tensor, ref_kept: torch.Tensor
+) -> ParityFigures:
+    """Figures for one input set: ORT outputs (numpy) against the PyTorch reference."""
+    t = torch.from_numpy(np.asarray(tokens)).float()
+    k = torch.from_numpy(np.asarray(kept)).long()
+    rt, rk = ref_tokens.float(), ref_kept.long()
+    if t.shape != rt.shape or k.shape != rk.shape:
+        raise ParityError(f"{name}: output shapes {list(t.shape)}/{list(k.shape)} != {list(rt.shape)}/{list(rk.shape)}")
+    b, n_kept = rk.shape
+    agree = sum(len(set(k[i].tolist()) & set(rk[i].tolist())) for i in range(b)) / (b * n_kept)
+    # Pair rows by source: a dominant row with the reference row of the same position; contextual rows only
+    # where the image's whole selection agrees (they are merged from everything not kept).
+    ours, theirs, ctx_ours, ctx_theirs = [], [], [], []
+    for i in range(b):
+        ref_slot = {p: j for j, p in enumerate(rk[i].tolist())}
+        for j, p in enumerate(k[i].tolist()):
+            if p in ref_slot:
+                ours.append(t[i, j])
+                theirs.append(rt[i, ref_slot[p]])
+        if bool((k[i] == rk[i]).all()):
+            ctx_ours.extend(t[i, n_kept:])
+            ctx_theirs.extend(rt[i, n_kept:])
+    paired = len(ours) + len(ctx_ours)
+    if paired:
+        a, r = torch.stack(ours + ctx_ours), torch.stack(theirs + ctx_theirs)
+        cos = torch.nn.functional.cosine_similarity(a, r, dim=-1)
+        min_cos, mean_cos = float(cos.min()), float(cos.mean())
+    else:
+        min_cos, mean_cos = -1.0, -1.0
+    diff = float((torch.stack(ours) - torch.stack(theirs)).abs().max()) if ours else float("inf")
+    ctx_diff = float((torch.stack(ctx_ours) - torch.stack(ctx_theirs)).abs().max()) if ctx_ours else 0.0
+    return ParityFigures(
+        inputs=name,
+        batch=b,
+        max_abs_diff=diff,
+        contextual_max_abs_diff=ctx_diff,
+        max_abs_reference=float(rt.abs().max()),
+        min_cosine=min_cos,
+        mean_cosine=mean_cos,
+        index_agreement=float(agree),
+        rows_compared=paired / (rt.shape[0] * rt.shape[1]),
+    )
+
+
+@torch.no_grad()
+def run_gate(session: Any, reference: torch.nn.Module, inputs: dict[str, torch.Tensor], dtype: str) -> dict[str, Any]:
+    """Run ORT `session` and `reference` (fp32 VisionGraph) on each named input batch; raise ParityError on
+    a failed threshold. Returns the report for the manifest."""
+    th = THRESHOLDS[dtype]
+    in_name = session.get_inputs()[0].name
+    figures, failures = [], []
+    for name, pixels in inputs.items():
+        ref_tokens, ref_kept = reference(pixels.float())
+        tokens, kept = session.run(None, {in_name: pixels.float().numpy()})
+        fig = compare(name, tokens, kept, ref_tokens, ref_kept)
+        log.info(
+            "parity %s (batch %d): max|diff| %.3g, contextual %.3g (max|ref| %.3g), cosine min %.6f, kept %.4f",
+            name,
+            fig.batch,
+            fig.max_abs_diff,
+            fig.contextual_max_abs_diff,
+            fig.max_abs_reference,
+            fig.min_cosine,
+            fig.index_agreement,
+        )
+        figures.append(fig)
+        failures += fig.failures(th)
+    report = {
+        "dtype": dtype,
+        "reference": "torch VisionZipEncoder, float32",
+        "thresholds": {**asdict(th), "max_abs_diff_atol": MAX_ABS_DIFF_ATOL},
+        "results": [asdict(f) for f in figures],
+        "passed": not failures,
+    }
+    if failures:
+        raise ParityError("parity gate failed: " + "; ".join(failures))
+    return report

@@ -1,0 +1,210 @@
+"""Benchmark the exported vision graph against PyTorch, side by side on the same input, and print JSON.
+
+    python scripts/bench_export.py                 # ViT-L/14-336 (LLaVA-1.5's tower), random weights, 24 layers
+    python scripts/bench_export.py --layers 4 --iters 3 --batches 1
+
+Rows, batch 1 and 8: the stock HF encoder (all layers, 577 tokens out), VisionZipEncoder in torch eager,
+ORT CPU on the fp32 and fp16 exports, TensorRT (through ORT's TensorRT EP) where present. Also the merge
+alone, one-hot MatMul vs ScatterElements(add), both in ORT. JSON on stdout, a Markdown table on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def _percentiles(times: list[float]) -> dict[str, float]:
+    q = np.percentile(np.array(times) * 1e3, [50, 90, 99])
+    return {"p50_ms": round(float(q[0]), 2), "p90_ms": round(float(q[1]), 2), "p99_ms": round(float(q[2]), 2)}
+
+
+def _time(fn: Callable[[], Any], warmup: int, iters: int) -> dict[str, Any]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return {**_percentiles(times), "iters": iters, "mean_ms": round(statistics.fmean(times) * 1e3, 2)}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _ort_session(path: Path, threads: int, providers: list[Any] | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
+
+
+def bench_merge(threads: int, warmup: int, iters: int, tmp: Path) -> dict[str, Any]:
+    """The contextual merge alone at ViT-L shapes: one-hot MatMul (what vzedge exports) vs ScatterElements add."""
+    from torch import nn
+
+    m, c, d = 577 - 54 - 10, 10, 1024
+
+    class OneHot(nn.Module):
+        def forward(self, h: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
+            one_hot = (assign.unsqueeze(-1) == torch.arange(c)).float()
+            return torch.matmul(one_hot.transpose(1, 2), h)
+
+    class Scatter(nn.Module):
+        def forward(self, h: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:
+            out = torch.zeros(h.shape[0], c, h.shape[2], dtype=h.dtype)
+            return out.scatter_add(1, assign.unsqueeze(-1).expand(-1, -1, h.shape[2]), h)
+
+    h = torch.randn(8, m, d)
+    assign = torch.randint(0, c, (8, m))
+    out: dict[str, Any] = {"shape": {"members": m, "contextual": c, "dim": d, "batch": 8}}
+    ref = OneHot()(h, assign)
+    for name, mod in (("onehot_matmul", OneHot().eval()), ("scatter_elements_add", Scatter().eval())):
+        path = tmp / f"merge_{name}.onnx"
+        with contextlib.redirect_stdout(sys.stderr):  # the exporter prints progress; stdout is for the JSON
+            prog = torch.onnx.export(
+                mod, (h, assign), dynamo=True, opset_version=18, input_names=["h", "assign"], verbose=False
+            )
+        prog.save(str(path))
+        s = _ort_session(path, threads)
+        feeds = {"h": h.numpy(), "assign": assign.numpy()}
+        got = s.run(None, feeds)[0]
+        out[name] = {
+            **_time(lambda s=s, feeds=feeds: s.run(None, feeds), warmup, iters * 10),
+            "max_abs_diff_vs_onehot_torch": float(np.abs(got - ref.numpy()).max()),
+        }
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=24, help="encoder depth (24 = ViT-L/14-336)")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--dominant", type=int, default=54)
+    ap.add_argument("--contextual", type=int, default=10)
+    ap.add_argument("--no-merge-bench", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+
+    from transformers import CLIPVisionModel
+
+    from vzedge._deps import cuda_available, tensorrt_available
+    from vzedge.encoder import VisionZipEncoder
+    from vzedge.export import ExportConfig, export_vision
+    from vzedge.export.manifest import tool_versions
+    from vzedge.models.clip import vit_l14_336_config
+    from vzedge.visionzip import VisionZipConfig
+
+    threads = torch.get_num_threads()
+    vz = VisionZipConfig(dominant=args.dominant, contextual=args.contextual)
+    max_batch = max(args.batches)
+    torch.manual_seed(0)
+    model = CLIPVisionModel(vit_l14_336_config(num_hidden_layers=args.layers)).eval()
+    params = sum(p.numel() for p in model.parameters())
+    result: dict[str, Any] = {
+        "conditions": {
+            "device": _cpu_name(),
+            "torch_threads": threads,
+            "model": f"random CLIP ViT-L/14-336, {args.layers} layers, {params / 1e6:.0f}M params",
+            "visionzip": vz.to_dict(),
+            "tokens": {"stock": 577, "visionzip": vz.num_tokens},
+            "warmup": args.warmup,
+            "iters": args.iters,
+            **tool_versions(),
+        },
+        "rows": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="vzedge-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        model.save_pretrained(tmp / "model")
+        exports = {}
+        for dtype in ("fp32", "fp16"):
+            t0 = time.perf_counter()
+            res = export_vision(
+                ExportConfig(model=str(tmp / "model"), out=tmp / dtype, visionzip=vz, dtype=dtype, max_batch=max_batch)
+            )
+            exports[dtype] = res.out
+            result[f"export_{dtype}"] = {
+                "seconds": round(time.perf_counter() - t0, 1),
+                "slim": res.manifest["slim"],
+                "parity": res.manifest["parity"]["results"],
+            }
+        encoder = VisionZipEncoder(model, vz).eval()
+        sessions = {dtype: _ort_session(out / "model.onnx", threads) for dtype, out in exports.items()}
+        trt_session = None
+        trt_note = "tensorrt not installed" if not tensorrt_available() else None
+        if trt_note is None and not cuda_available():
+            trt_note = "no CUDA GPU"
+        if trt_note is None:
+            from vzedge.export.tensorrt import ort_tensorrt_providers
+
+            providers = ort_tensorrt_providers(tmp / "trt-cache", "pixel_values", (3, 336, 336), max_batch)
+            trt_session = _ort_session(exports["fp16"] / "model.onnx", threads, providers)
+        g = torch.Generator().manual_seed(0)
+        for batch in args.batches:
+            x = torch.randn(batch, 3, 336, 336, generator=g)
+            xn = x.numpy()
+            runs: dict[str, Callable[[], Any]] = {
+                "hf_stock_all_layers_577_tokens": lambda x=x: model(pixel_values=x),
+                "visionzip_torch_eager": lambda x=x: encoder(x),
+                "ort_cpu_fp32": lambda xn=xn: sessions["fp32"].run(None, {"pixel_values": xn}),
+                "ort_cpu_fp16": lambda xn=xn: sessions["fp16"].run(None, {"pixel_values": xn}),
+            }
+            if trt_session is not None:
+                runs["ort_tensorrt_fp16"] = lambda xn=xn: trt_session.run(None, {"pixel_values": xn})
+            row: dict[str, Any] = {"batch": batch}
+            with torch.no_grad():
+                for name, fn in runs.items():
+                    logging.info("timing %s, batch %d", name, batch)
+                    row[name] = _time(fn, args.warmup, args.iters)
+            if trt_session is None:
+                row["tensorrt"] = {"skipped": trt_note}
+            eager = row["visionzip_torch_eager"]["p50_ms"]
+            row["speedup_vs_visionzip_torch_p50"] = {
+                k: round(eager / v["p50_ms"], 2) for k, v in row.items() if isinstance(v, dict) and "p50_ms" in v
+            }
+            result["rows"].append(row)
+        if not args.no_merge_bench:
+            result["merge_only_ort"] = bench_merge(threads, args.warmup, args.iters, tmp)
+    print(json.dumps(result, indent=2))
+    _markdown(result)
+    return 0
+
+
+def _markdown(result: dict[str, Any]) -> None:
+    lines = ["| batch | path | p50 ms | p90 ms | x vs VisionZip torch |", "|---|---|---|---|---|"]
+    for row in result["rows"]:
+        for name, v in row.items():
+            if isinstance(v, dict) and "p50_ms" in v:
+                speed = row["speedup_vs_visionzip_torch_p50"][name]
+                lines.append(f"| {row['batch']} | {name} | {v['p50_ms']} | {v['p90_ms']} | {speed} |")
+    print("\n".join(lines), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

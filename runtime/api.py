@@ -95,6 +95,7 @@ def run(
         max_new_tokens=cfg.max_new_tokens,
         on_error=cfg.on_error,
         token_cache=cfg.token_cache,
+        clip=cfg.clip,
         metrics=metrics,
         on_frame=on_frame,
     )

@@ -29,6 +29,7 @@ class RunConfig:
     frames: int | None = None
     prompt: str = "What is in the image?"
     template: str = "USER: <image>\n{question} ASSISTANT:"
+    clip: int = 1  # frames per question: each compressed on its own, their tokens concatenated
     policy: str = "latest"
     queue_size: int = 1
     pipelined: bool = True
@@ -48,6 +49,8 @@ class RunConfig:
             raise ValueError(f"vision backend {self.vision_backend!r} is not one of {BACKENDS}")
         if self.frames is not None and self.frames < 1:
             raise ValueError(f"frames must be >= 1, got {self.frames}")
+        if self.clip < 1:
+            raise ValueError(f"clip must be >= 1 frame per question, got {self.clip}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.queue_size < 1:

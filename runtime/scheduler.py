@@ -14,7 +14,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,9 +34,22 @@ _POLL_S = 0.05
 
 @dataclass
 class _Item:
-    frame: Frame
+    """One question's worth of input: a clip of consecutive frames (one frame unless clip > 1).
+
+    Stage times are recorded under the clip's first frame; every frame of the clip shares its fate.
+    """
+
+    frames: list[Frame]
     tokens: torch.Tensor | None = None
     key: str | None = None
+
+    @property
+    def frame(self) -> Frame:
+        return self.frames[0]
+
+    @property
+    def indices(self) -> list[int]:
+        return [f.index for f in self.frames]
 
 
 class StageError(RuntimeError):
@@ -57,6 +70,7 @@ class Pipeline:
         max_new_tokens: int = 16,
         on_error: str = "stop",
         token_cache: int = 8,
+        clip: int = 1,
         metrics: RunMetrics | None = None,
         on_frame: Callable[[FrameRecord], None] | None = None,
     ) -> None:
@@ -66,6 +80,9 @@ class Pipeline:
             raise ValueError(f"on_error {on_error!r} is not 'stop' or 'continue'")
         if queue_size < 1:
             raise ValueError(f"queue_size must be >= 1, got {queue_size}")
+        if clip < 1:
+            raise ValueError(f"clip must be >= 1 frame per question, got {clip}")
+        self.clip = clip
         self.vision, self.llm, self.prompt = vision, llm, prompt
         self.policy, self.queue_size, self.max_new_tokens = policy, queue_size, max_new_tokens
         self.on_error = on_error
@@ -81,14 +98,17 @@ class Pipeline:
     def _vision_stage(self, item: _Item) -> None:
         m, idx = self.metrics, item.frame.index
         t0 = time.perf_counter()
-        pixels = self.vision.preprocess.batch([item.frame.image])
+        pixels = self.vision.preprocess.batch([f.image for f in item.frames])
         t1 = time.perf_counter()
         m.stage(idx, "preprocess", (t1 - t0) * 1e3)
         item.key = TokenCache.key(pixels)
         tokens = self.cache.get(item.key)
         hit = tokens is not None
         if tokens is None:
-            tokens = self.vision.encode(pixels)
+            step = self.vision.max_batch
+            # Each frame is compressed on its own; a clip's tokens follow one another in frame order.
+            tokens = torch.cat([self.vision.encode(pixels[i : i + step]) for i in range(0, len(pixels), step)])
+            tokens = tokens.reshape(1, -1, tokens.shape[-1])
             sync(tokens.device)
             self.cache.put(item.key, tokens)
         m.frame(idx).cache_hit = hit
@@ -112,7 +132,8 @@ class Pipeline:
         m.stage(idx, "decode_per_token", ans.decode_ms_per_token)
         rec.new_tokens, rec.answer = len(ans.token_ids), ans.text
         m.stage(idx, "end_to_end", (time.perf_counter() - item.frame.captured_at) * 1e3 + item.frame.capture_ms)
-        m.processed(idx)
+        for i in item.indices:
+            m.processed(i)
         if self.on_frame is not None:
             self.on_frame(rec)
 
@@ -122,7 +143,8 @@ class Pipeline:
             return True
         except Exception as err:  # a stage that throws is reported and the frame counted, not lost
             log.error("frame %d failed in %s: %s", item.frame.index, stage, err)
-            self.metrics.failed(item.frame.index, stage, err)
+            for i in item.indices:
+                self.metrics.failed(i, stage, err)
             if self.on_frame is not None:
                 self.on_frame(self.metrics.frame(item.frame.index))
             if self.on_error == "stop":
@@ -130,18 +152,32 @@ class Pipeline:
                 self.stop.set()
             return False
 
-    def _captured(self, frame: Frame) -> _Item:
-        self.metrics.stage(frame.index, "capture", frame.capture_ms)
-        return _Item(frame)
+    def _drop(self, item: _Item, at: str) -> None:
+        for i in item.indices:
+            self.metrics.dropped(i, at)
+        if self.on_frame is not None:
+            self.on_frame(self.metrics.frame(item.frame.index))
+
+    def _clips(self, source: Source) -> Iterator[_Item]:
+        """Group the source's frames into clips of `self.clip`; a trailing partial clip is dropped, counted."""
+        frames: list[Frame] = []
+        for frame in source:
+            self.metrics.frame(frame.index)
+            frames.append(frame)
+            if len(frames) == self.clip:
+                self.metrics.stage(frames[0].index, "capture", sum(f.capture_ms for f in frames))
+                yield _Item(frames)
+                frames = []
+        if frames:
+            self._drop(_Item(frames), "incomplete_clip")
 
     # -- sequential ---------------------------------------------------------------------------
     def run_sequential(self, source: Source) -> RunMetrics:
         """One frame at a time through every stage (the baseline the pipelined loop is measured against)."""
         try:
-            for frame in source:
-                item = self._captured(frame)
+            for item in self._clips(source):
                 if self.stop.is_set():
-                    self.metrics.dropped(frame.index, "shutdown")
+                    self._drop(item, "shutdown")
                     break
                 if self._guarded("vision", item, self._vision_stage):
                     self._guarded("llm", item, self._llm_stage)
@@ -166,11 +202,9 @@ class Pipeline:
                     with contextlib.suppress(queue.Empty):
                         stale = q.get_nowait()
                         if stale is not _END:
-                            self.metrics.dropped(stale.frame.index, f"queue:{stage}")
-                            if self.on_frame is not None:
-                                self.on_frame(self.metrics.frame(stale.frame.index))
+                            self._drop(stale, f"queue:{stage}")
         if item is not _END:
-            self.metrics.dropped(item.frame.index, "shutdown")
+            self._drop(item, "shutdown")
 
     def _get(self, q: queue.Queue) -> Any:
         while True:
@@ -188,7 +222,7 @@ class Pipeline:
                 if item is _END:
                     break
                 if self.stop.is_set():
-                    self.metrics.dropped(item.frame.index, "shutdown")
+                    self._drop(item, "shutdown")
                     continue
                 if self._guarded(stage, item, fn) and outq is not None:
                     self._put(outq, item, "llm")
@@ -203,7 +237,7 @@ class Pipeline:
             except queue.Empty:
                 return
             if item is not _END:
-                self.metrics.dropped(item.frame.index, "shutdown")
+                self._drop(item, "shutdown")
 
     def run_pipelined(self, source: Source) -> RunMetrics:
         q_vision: queue.Queue = queue.Queue(maxsize=self.queue_size)
@@ -215,10 +249,9 @@ class Pipeline:
         for w in workers:
             w.start()
         try:
-            for frame in source:
-                item = self._captured(frame)
+            for item in self._clips(source):
                 if self.stop.is_set():
-                    self.metrics.dropped(frame.index, "shutdown")
+                    self._drop(item, "shutdown")
                     break
                 self._put(q_vision, item, "vision")
         except KeyboardInterrupt:

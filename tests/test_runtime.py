@@ -250,3 +250,21 @@ def test_loop_with_a_quantized_llm():
     report = run(RunConfig(source="synthetic:3", policy="all", quant="nf4", **FAST), session)
     assert _accounted(report, 3)["processed"] == 3
     assert report["quant"] == "bnb-nf4"
+
+
+@pytest.mark.parametrize("pipelined", [True, False], ids=["pipelined", "sequential"])
+def test_clips_of_frames_per_question(session, pipelined, monkeypatch):
+    """clip=4: each frame compressed alone, 4 x 64 tokens per question, a partial tail clip counted."""
+    seen = []
+    real = session.llm.prefill_image
+    monkeypatch.setattr(session.llm, "prefill_image", lambda t: seen.append(t.detach().clone()) or real(t))
+    report = run(RunConfig(source="synthetic:10", clip=4, policy="all", pipelined=pipelined, **FAST), session)
+    f = _accounted(report, 10)
+    assert f["processed"] == 8 and f["dropped_by_stage"] == {"incomplete_clip": 2}
+    assert report["summary"]["stages_ms"]["vision"]["n"] == 2, "stage times are per clip"
+    assert [t.shape[1] for t in seen] == [4 * 64, 4 * 64]
+    from vzedge.images import demo_image as scene
+
+    pixels = session.vision.preprocess.batch([scene(seed=i) for i in range(4)])
+    alone = torch.cat([session.vision.encode(pixels[i : i + 1]) for i in range(4)], dim=1)
+    torch.testing.assert_close(seen[0], alone, atol=1e-5, rtol=0)

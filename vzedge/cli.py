@@ -143,6 +143,7 @@ def _add_runtime_args(p: argparse.ArgumentParser, source_default: str) -> None:
     p.add_argument("--all-tokens", action="store_true", help="no VisionZip: all image tokens (baseline)")
     p.add_argument("--source", default=source_default, help="image, folder, video, camera:K, synthetic[:N], demo")
     p.add_argument("--frames", type=int, default=None, help="stop after this many frames")
+    p.add_argument("--clip", type=int, default=1, help="frames per question (video): each compressed on its own")
     p.add_argument("--prompt", default="What is in the image?")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
@@ -162,6 +163,7 @@ def _run_config(args: argparse.Namespace, **extra):
         quant=args.quant,
         source=args.source,
         frames=args.frames,
+        clip=args.clip,
         prompt=args.prompt,
         max_new_tokens=args.max_new_tokens,
         device=args.device,

@@ -8,6 +8,7 @@ to the prefix instead of being copied.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +61,11 @@ class LLMBackend:
             ids = [self.tokenizer.bos_token_id, *ids]
         return torch.tensor([ids], dtype=torch.long, device=self.device)
 
+    def prompt_length(self, question: str) -> int:
+        """Text tokens the template puts around the image for `question` (BOS, prefix and suffix)."""
+        suffix = self.suffix_template.format(question=question)
+        return int(self._ids(self.prefix_text, bos=True).shape[1] + self._ids(suffix, bos=False).shape[1])
+
     @torch.inference_mode()
     def prefill_image(self, image_tokens: torch.Tensor) -> Prefix:
         """KV cache of [BOS + template prefix + image tokens]; image_tokens [1, K, D_llm] or [K, D_llm]."""
@@ -81,8 +87,21 @@ class LLMBackend:
         return Prefix(cache=cache, length=embeds.shape[1], prefill_ms=(time.perf_counter() - t0) * 1e3)
 
     @torch.inference_mode()
-    def answer(self, prefix: Prefix, question: str, max_new_tokens: int = 32) -> Answer:
-        """Greedy answer to `question` about the prefix's image; the prefix cache is left as it was."""
+    def answer(
+        self,
+        prefix: Prefix,
+        question: str,
+        max_new_tokens: int = 32,
+        *,
+        ignore_eos: bool = False,
+        on_phase: Callable[[str, Any], None] | None = None,
+    ) -> Answer:
+        """Greedy answer to `question` about the prefix's image; the prefix cache is left as it was.
+
+        ignore_eos: decode exactly `max_new_tokens` (benchmarks, memory validation). on_phase(name, cache) is
+        called after the question's prefill ("prefill") and after the last decode step ("decode"), before the
+        cache is cropped back, outside the timed spans: a hook for meters (vzedge.runtime.validate).
+        """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         cache = prefix.cache
@@ -97,14 +116,19 @@ class LLMBackend:
             out: list[int] = []
             token = int(logits.argmax(-1))
             t_first = time.perf_counter()
+            if on_phase is not None:
+                on_phase("prefill", cache)
+            t_decode = time.perf_counter()
             while True:
                 out.append(token)
-                if token == self.eos_id or len(out) >= max_new_tokens:
+                if (token == self.eos_id and not ignore_eos) or len(out) >= max_new_tokens:
                     break
                 step = torch.tensor([[token]], device=self.device)
                 h = self.lm(inputs_embeds=self.embed(step), past_key_values=cache, use_cache=True).last_hidden_state
                 token = int(self.lm_head(h[:, -1]).argmax(-1))
             t_end = time.perf_counter()
+            if on_phase is not None:
+                on_phase("decode", cache)
         finally:
             # Roll the cache back to [prefix + image]; transformers 5 crops by a negative token count.
             extra = cache.get_seq_length() - prefix.length
@@ -117,6 +141,6 @@ class LLMBackend:
             token_ids=out,
             prefill_ms=(t_prefill - t0) * 1e3,
             ttft_ms=(t_first - t0) * 1e3,
-            decode_ms_per_token=(t_end - t_first) * 1e3 / n_decode,
+            decode_ms_per_token=(t_end - t_decode) * 1e3 / n_decode,
             first_logits=first_logits,
         )

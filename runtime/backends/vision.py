@@ -23,6 +23,7 @@ class VisionBackend:
     """pixels -> tokens. `projected` says whether tokens are already in the LLM's width."""
 
     name = "vision"
+    max_batch: int = 64  # the most frames one encode() call takes (an export's batch profile may be smaller)
     num_tokens: int
     projected: bool
     preprocess: Preprocess

@@ -14,8 +14,6 @@ import argparse
 import contextlib
 import json
 import logging
-import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -26,31 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-
-def _percentiles(times: list[float]) -> dict[str, float]:
-    q = np.percentile(np.array(times) * 1e3, [50, 90, 99])
-    return {"p50_ms": round(float(q[0]), 2), "p90_ms": round(float(q[1]), 2), "p99_ms": round(float(q[2]), 2)}
-
-
-def _time(fn: Callable[[], Any], warmup: int, iters: int) -> dict[str, Any]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return {**_percentiles(times), "iters": iters, "mean_ms": round(statistics.fmean(times) * 1e3, 2)}
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from vzedge.bench import cpu_name, measure, measure_side_by_side
 
 
 def _ort_session(path: Path, threads: int, providers: list[Any] | None = None):
@@ -93,7 +67,7 @@ def bench_merge(threads: int, warmup: int, iters: int, tmp: Path) -> dict[str, A
         feeds = {"h": h.numpy(), "assign": assign.numpy()}
         got = s.run(None, feeds)[0]
         out[name] = {
-            **_time(lambda s=s, feeds=feeds: s.run(None, feeds), warmup, iters * 10),
+            **measure(lambda s=s, feeds=feeds: s.run(None, feeds), warmup, iters * 10),
             "max_abs_diff_vs_onehot_torch": float(np.abs(got - ref.numpy()).max()),
         }
     return out
@@ -128,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     params = sum(p.numel() for p in model.parameters())
     result: dict[str, Any] = {
         "conditions": {
-            "device": _cpu_name(),
+            "device": cpu_name(),
             "torch_threads": threads,
             "model": f"random CLIP ViT-L/14-336, {args.layers} layers, {params / 1e6:.0f}M params",
             "visionzip": vz.to_dict(),
@@ -179,14 +153,14 @@ def main(argv: list[str] | None = None) -> int:
                 runs["ort_tensorrt_fp16"] = lambda xn=xn: trt_session.run(None, {"pixel_values": xn})
             row: dict[str, Any] = {"batch": batch}
             with torch.no_grad():
-                for name, fn in runs.items():
-                    logging.info("timing %s, batch %d", name, batch)
-                    row[name] = _time(fn, args.warmup, args.iters)
+                logging.info("timing %s round-robin, batch %d", ", ".join(runs), batch)
+                # Round-robin: load from other processes on a shared machine hits every path alike.
+                row.update(measure_side_by_side(runs, args.warmup, args.iters))
             if trt_session is None:
                 row["tensorrt"] = {"skipped": trt_note}
-            eager = row["visionzip_torch_eager"]["p50_ms"]
+            eager = row["visionzip_torch_eager"]["p50"]
             row["speedup_vs_visionzip_torch_p50"] = {
-                k: round(eager / v["p50_ms"], 2) for k, v in row.items() if isinstance(v, dict) and "p50_ms" in v
+                k: round(eager / v["p50"], 2) for k, v in row.items() if isinstance(v, dict) and "p50" in v
             }
             result["rows"].append(row)
         if not args.no_merge_bench:
@@ -200,9 +174,9 @@ def _markdown(result: dict[str, Any]) -> None:
     lines = ["| batch | path | p50 ms | p90 ms | x vs VisionZip torch |", "|---|---|---|---|---|"]
     for row in result["rows"]:
         for name, v in row.items():
-            if isinstance(v, dict) and "p50_ms" in v:
+            if isinstance(v, dict) and "p50" in v:
                 speed = row["speedup_vs_visionzip_torch_p50"][name]
-                lines.append(f"| {row['batch']} | {name} | {v['p50_ms']} | {v['p90_ms']} | {speed} |")
+                lines.append(f"| {row['batch']} | {name} | {v['p50']} | {v['p90']} | {speed} |")
     print("\n".join(lines), file=sys.stderr)
 
 

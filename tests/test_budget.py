@@ -211,13 +211,25 @@ def _report(name: str, result: dict) -> None:
     print(f"\n{name}\n{validation_table(result)}")
 
 
+def _ran_the_runtime(result: dict, prompt_tokens: int, new_tokens: int) -> None:
+    """The measured run went through the runtime's backends and fed what the estimate was made for."""
+    m, cfg = result["measured"], result["predicted"]["config"]
+    assert m["backends"] == {"vision": "TorchVisionBackend", "llm": "LLMBackend"}
+    assert m["vision_backend"] == f"torch-visionzip-{cfg['tokens']}"
+    # the byte-level tokenizer makes the question hit the asked prompt length exactly
+    assert m["prompt_tokens"] == cfg["prompt_tokens"] == prompt_tokens
+    assert m["prefill_tokens"] == cfg["tokens"] + prompt_tokens and m["decode_steps"] == new_tokens
+    assert m["cache_seq"] == cfg["context"] == m["prefill_tokens"] + new_tokens
+
+
 @pytest.mark.slow
 @BNB
 def test_tiny_nf4_peak_within_15_percent():
-    from vzedge.budget.validate import validate
+    from vzedge.runtime.validate import validate
 
     result = validate(BudgetConfig(model=TINY, quant="nf4", tokens=64, prompt_tokens=40, context=2048), new_tokens=8)
     _report("tiny-random nf4", result)
+    _ran_the_runtime(result, prompt_tokens=40, new_tokens=8)
     assert result["measured"]["kv_bytes"] == result["predicted"]["components"][2]["bytes"]
     assert result["within_tolerance"], result["total_ratio"]
 
@@ -227,7 +239,7 @@ def test_1b_random_fp32_peak_within_15_percent(tmp_path_factory):
     """A ~1.2B-parameter LLaVA (TinyLlama-shaped 1.1B LLM + ViT-B/14-336 tower), fp32, random weights."""
     from transformers import LlavaConfig
 
-    from vzedge.budget.validate import validate
+    from vzedge.runtime.validate import validate
 
     folder = tmp_path_factory.mktemp("llava1b")
     LlavaConfig(
@@ -259,5 +271,6 @@ def test_1b_random_fp32_peak_within_15_percent(tmp_path_factory):
     cfg = BudgetConfig(model=str(folder), tokens=64, prompt_tokens=40, context=2048)
     result = validate(cfg, new_tokens=4, random_weights=True)
     _report("~1.2B random fp32", result)
+    _ran_the_runtime(result, prompt_tokens=40, new_tokens=4)
     assert result["measured"]["llm_tensor_bytes"] == result["predicted"]["components"][0]["bytes"]
     assert result["within_tolerance"], result["total_ratio"]

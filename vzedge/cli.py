@@ -352,7 +352,15 @@ def _cmd_budget(args: argparse.Namespace) -> int:
         devices_file=args.devices,
         headroom_gib=args.headroom,
     )
-    result = budget(cfg, fit=args.fit, validate=args.validate, new_tokens=args.new_tokens)
+    if args.validate:
+        if args.fit is not None:
+            raise ValueError("--fit and --validate are separate questions; pass one of them")
+        from vzedge.runtime.validate import validate  # the run goes through the runtime's backends
+
+        checked = validate(cfg, new_tokens=args.new_tokens)
+        result = {"kind": "validate", "ok": checked["within_tolerance"], **checked}
+    else:
+        result = budget(cfg, fit=args.fit)
     if args.json:
         from vzedge.io import write_json
 

@@ -110,6 +110,7 @@ class LLMBackend:
             ids = self._ids(self.suffix_template.format(question=question), bos=False)
             h = self.lm(inputs_embeds=self.embed(ids), past_key_values=cache, use_cache=True).last_hidden_state
             logits = self.lm_head(h[:, -1]).float()
+            del h  # the question's hidden states are not needed while decoding
             sync(self.device)
             t_prefill = time.perf_counter()
             first_logits = logits[0].clone()

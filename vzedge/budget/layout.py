@@ -17,7 +17,7 @@ import torch
 from vzedge.quant import BNB_4BIT_BLOCKSIZE, VISION_MODULES, layer_bytes
 
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
-_VLM_CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
+VLM_CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
 
 
 def shipped_models() -> dict[str, dict[str, Any]]:
@@ -107,11 +107,11 @@ class ModelShapes:
 def _vlm_meta(config: Any) -> torch.nn.Module:
     import transformers
 
-    name = _VLM_CLASSES.get(getattr(config, "model_type", ""))
+    name = VLM_CLASSES.get(getattr(config, "model_type", ""))
     if name is None:
         raise ValueError(
             f"model_type {getattr(config, 'model_type', None)!r} is not supported by the memory model; "
-            f"it sizes {', '.join(_VLM_CLASSES)} (LLaVA-1.5 and LLaVA-NeXT) checkpoints"
+            f"it sizes {', '.join(VLM_CLASSES)} (LLaVA-1.5 and LLaVA-NeXT) checkpoints"
         )
     with torch.device("meta"):
         return getattr(transformers, name)(config)

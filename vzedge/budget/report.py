@@ -71,5 +71,11 @@ def validation_table(result: dict[str, Any]) -> str:
     lines.append(
         f"\ntotal predicted / measured = {result['total_ratio']:.3f} ({ok} the +-{result['tolerance']:.0%} bound)"
     )
-    lines.append(bounds_line(result["predicted"]["bounds"], result["measured"]))
+    m = result["measured"]
+    if "backends" in m:
+        lines.append(
+            f"run through the runtime: {m['backends']['vision']} ({m['vision_backend']}) + {m['backends']['llm']}; "
+            f"prefill {m['prompt_tokens']} text + {m['image_tokens']} image tokens, {m['decode_steps']} decode steps"
+        )
+    lines.append(bounds_line(result["predicted"]["bounds"], m))
     return "\n".join(lines)

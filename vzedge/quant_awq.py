@@ -164,6 +164,15 @@ def _assemble_llava(vlm: torch.nn.Module, processor: Any, awq_dir: Path, out: Pa
     processor.save_pretrained(out)
 
 
+def _keep_gptqmodel_logs_in(folder: Path) -> None:
+    """gptqmodel 7.6 writes per-layer logs to ./logs of the caller's working directory; keep them in our temp
+    folder instead (its module constant; a later gptqmodel without it is left alone)."""
+    from gptqmodel.looper import loop_processor
+
+    if hasattr(loop_processor, "_PROJECT_LOG_DIR"):
+        loop_processor._PROJECT_LOG_DIR = folder
+
+
 def quantize_awq(
     model: str,
     out: str,
@@ -227,6 +236,7 @@ def quantize_awq(
             calib.samples,
             calib.seq_len,
         )
+        _keep_gptqmodel_logs_in(Path(tmp, "gptqmodel-logs"))
         gm = gptqmodel.GPTQModel.load(str(llm_dir), gcfg, device=str(dev), dtype=torch.float16)
         backend = gptqmodel.BACKEND.AWQ_TORCH if dev.type == "cpu" else gptqmodel.BACKEND.AUTO
         gm.quantize(samples, batch_size=1, tokenizer=tokenizer, backend=backend)

@@ -47,6 +47,15 @@ def load_session(cfg: RunConfig) -> Session:
         from vzedge.quant import QuantConfig, load_quantized
 
         loaded = load_quantized(cfg.model, QuantConfig(method=cfg.quant), device=device)
+    if cfg.projector is not None:
+        if cfg.vision is not None:
+            raise ValueError(
+                "--projector with --vision: an exported graph holds its own projector; export it with "
+                "vzedge export --projector TUNED_DIR, or drop --vision to run the tuned projector in PyTorch"
+            )
+        from vzedge.tune import load_tuned_projector
+
+        load_tuned_projector(cfg.projector, loaded.vlm, cfg.visionzip)
     vision = open_vision_backend(cfg.vision, loaded, cfg.visionzip, cfg.vision_backend, device)
     llm = LLMBackend(loaded.vlm, loaded.processor.tokenizer, cfg.template)
     log.info("loaded %s: vision %s (%d tokens), LLM %s", cfg.model, vision.name, vision.num_tokens, cfg.quant)

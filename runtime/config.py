@@ -25,6 +25,7 @@ class RunConfig:
     vision_backend: str = "auto"
     visionzip: VisionZipConfig | None = field(default_factory=VisionZipConfig)
     quant: str = "none"
+    projector: str | None = None  # a `vzedge tune` output folder: its projector replaces the model's
     source: str = "demo"
     frames: int | None = None
     prompt: str = "What is in the image?"
@@ -49,6 +50,8 @@ class RunConfig:
             raise ValueError(f"vision backend {self.vision_backend!r} is not one of {BACKENDS}")
         if self.frames is not None and self.frames < 1:
             raise ValueError(f"frames must be >= 1, got {self.frames}")
+        if self.projector is not None and self.visionzip is None:
+            raise ValueError("a tuned projector is tuned for VisionZip tokens: drop --all-tokens or --projector")
         if self.clip < 1:
             raise ValueError(f"clip must be >= 1 frame per question, got {self.clip}")
         if self.max_new_tokens < 1:

@@ -219,9 +219,9 @@ def _cache_bytes(cache: Any) -> int:
 
 def _as_loaded(vlm: Any, processor: Any, name: str) -> Any:
     """A LoadedModel around a VLM built here, as `load_model` makes one."""
-    from vzedge.models.loading import _from_vlm
+    from vzedge.models.loading import from_vlm
 
-    return _from_vlm(name, name, None, vlm, processor)
+    return from_vlm(name, name, None, vlm, processor)
 
 
 def _load(cfg: BudgetConfig, random_weights: bool, device: str, dtype: Any) -> Any:

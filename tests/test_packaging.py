@@ -58,3 +58,21 @@ def test_wheel_contains_every_subpackage(tmp_path):
     assert not missing, f"not in the wheel (add them to [tool.setuptools] packages): {sorted(missing)}"
     assert "vzedge/py.typed" in names
     assert not any(n.startswith(("tests/", "scripts/")) for n in names)
+
+
+def test_atomic_writes_get_default_permissions(tmp_path):
+    import os
+
+    from vzedge.io import atomic_dir, write_text
+
+    mask = os.umask(0o022)
+    try:
+        write_text(tmp_path / "a.txt", "x")
+        with atomic_dir(tmp_path / "out") as d:
+            (d / "f.bin").write_bytes(b"1")
+            os.chmod(d / "f.bin", 0o600)  # as mkstemp-made files inside would be
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "out" / "f.bin").stat().st_mode & 0o777 == 0o644

@@ -140,6 +140,7 @@ def _add_runtime_args(p: argparse.ArgumentParser, source_default: str) -> None:
         "--vision-backend", default="auto", choices=("auto", "torch", "ort", "ort-cpu", "ort-cuda", "ort-trt", "trt")
     )
     p.add_argument("--quant", default="none", help="LLM quantization: none, int8, nf4, fp4, awq")
+    p.add_argument("--projector", default=None, metavar="TUNED_DIR", help="a `vzedge tune` output folder")
     p.add_argument("--all-tokens", action="store_true", help="no VisionZip: all image tokens (baseline)")
     p.add_argument("--source", default=source_default, help="image, folder, video, camera:K, synthetic[:N], demo")
     p.add_argument("--frames", type=int, default=None, help="stop after this many frames")
@@ -161,6 +162,7 @@ def _run_config(args: argparse.Namespace, **extra):
         vision_backend=args.vision_backend,
         visionzip=None if args.all_tokens else _visionzip_config(args),
         quant=args.quant,
+        projector=args.projector,
         source=args.source,
         frames=args.frames,
         clip=args.clip,

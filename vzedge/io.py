@@ -22,6 +22,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the permissions open() would
         os.replace(tmp, target)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -49,6 +50,7 @@ def atomic_dir(path: str | os.PathLike[str], replace: bool = False) -> Iterator[
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
         yield tmp
+        _default_permissions(tmp)
         if target.exists():
             if not replace:
                 raise FileExistsError(f"{target} exists")
@@ -60,6 +62,25 @@ def atomic_dir(path: str | os.PathLike[str], replace: bool = False) -> Iterator[
             os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _default_permissions(folder: Path) -> None:
+    """mkdtemp/mkstemp create 0700/0600; give the tree what mkdir/open would under the current umask."""
+    mask = _umask()
+    os.chmod(folder, 0o777 & ~mask)
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~mask)
+        for f in files:
+            p = os.path.join(root, f)
+            if os.stat(p).st_mode & 0o077 == 0:
+                os.chmod(p, 0o666 & ~mask)
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:

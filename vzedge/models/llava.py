@@ -11,6 +11,7 @@ without CLS in its visual input; the paper's numbers include this effect, and pr
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ from vzedge.visionzip import VisionZipConfig
 log = logging.getLogger(__name__)
 
 _STATE = "_vzedge_visionzip"
+_PROJECTOR_BACKUP = "_vzedge_projector_backup"
 
 
 def _llava_parts(model: nn.Module) -> nn.Module:
@@ -57,6 +59,7 @@ def apply_visionzip(
     cfg: VisionZipConfig | None = None,
     processor: Any | None = None,
     layout: str = "reference",
+    projector: str | os.PathLike[str] | None = None,
 ) -> nn.Module:
     """Make `model.generate()` (and forward) see `cfg.num_tokens` image tokens per image.
 
@@ -66,6 +69,10 @@ def apply_visionzip(
 
     LLaVA-NeXT, NeXT-Video and OneVision compress every crop and frame with `cfg` and arrange an anyres
     image's crops by `layout` ("reference" or "newline", see `vzedge.models.llava_next`).
+
+    projector: a `vzedge tune` output folder; its tuned projector weights replace the model's (LLaVA-1.5
+    only) after checking they were tuned on this base model for this `cfg` (ValueError otherwise).
+    `remove_visionzip` puts the original weights back.
     """
     from vzedge.encoder import VisionZipEncoder
 
@@ -73,6 +80,8 @@ def apply_visionzip(
     inner = _llava_parts(model)
     family = _anyres_family(inner)
     if family is not None:
+        if projector is not None:
+            raise ValueError(f"projector= (a tuned projector) supports LLaVA-1.5, not {type(inner).__name__}")
         return family.apply_visionzip(model, cfg, processor, layout=layout)
     if layout != "reference":
         raise ValueError(f"layout={layout!r} applies to anyres models (LLaVA-NeXT/OneVision); LLaVA-1.5 has one crop")
@@ -90,7 +99,12 @@ def apply_visionzip(
             feature_layer,
         )
     encoder = VisionZipEncoder(inner.vision_tower, cfg)
-    projector = inner.multi_modal_projector
+    tuned = None
+    if projector is not None:
+        from vzedge.tune import read_tuned_projector
+
+        tuned = read_tuned_projector(projector, model, cfg)  # checks everything before anything changes
+    mm_projector = inner.multi_modal_projector
 
     def get_image_features(pixel_values: torch.Tensor, *args: Any, **kwargs: Any):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -98,7 +112,7 @@ def apply_visionzip(
         if kwargs.get("image_sizes") is not None:
             raise ValueError("image_sizes (anyres) is not supported by VisionZip on LLaVA-1.5")
         out = encoder(pixel_values)
-        features = projector(out.tokens)
+        features = mm_projector(out.tokens)
         return BaseModelOutputWithPooling(last_hidden_state=out.tokens, pooler_output=list(features))
 
     # Kept outside nn.Module attribute registration so the encoder does not appear a second time in
@@ -107,6 +121,12 @@ def apply_visionzip(
     vars(inner)["get_image_features"] = get_image_features
     if processor is not None:
         _patch_processor(processor, cfg.num_tokens)
+    if tuned is not None:
+        from vzedge.tune import load_projector_state
+
+        vars(inner)[_PROJECTOR_BACKUP] = {k: v.detach().clone() for k, v in mm_projector.state_dict().items()}
+        load_projector_state(mm_projector, tuned.state)
+        log.info("tuned projector loaded from %s", tuned.record["path"])
     log.info("VisionZip applied: %d image tokens per image (was %d)", cfg.num_tokens, _stock_count(inner))
     return model
 
@@ -117,6 +137,11 @@ def remove_visionzip(model: nn.Module, processor: Any | None = None) -> nn.Modul
     if _STATE not in vars(inner):
         raise ValueError("VisionZip is not applied to this model")
     del vars(inner)[_STATE]
+    backup = vars(inner).pop(_PROJECTOR_BACKUP, None)
+    if backup is not None:  # apply_visionzip(projector=...) replaced the weights: put the originals back
+        from vzedge.tune import load_projector_state
+
+        load_projector_state(inner.multi_modal_projector, backup)
     for name in ("get_image_features", "get_video_features"):
         vars(inner).pop(name, None)
     if processor is not None:

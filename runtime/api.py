@@ -79,7 +79,7 @@ def _report(session: Session, pipe: Pipeline, sampler: MemorySampler, title: str
         "conditions": conditions(),
         "summary": summary,
         "frames": pipe.metrics.records(),
-        "memory_samples": sampler.samples,
+        "memory_samples": list(sampler.samples),
     }
 
 

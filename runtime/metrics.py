@@ -5,6 +5,7 @@ One owner, one format: `RunMetrics.summary()` is the JSON every report is made f
 
 from __future__ import annotations
 
+import collections
 import os
 import threading
 import time
@@ -81,9 +82,10 @@ def jetson_unified_memory() -> dict[str, int] | None:
 class MemorySampler:
     """Samples host RSS (and GPU memory) every `interval` seconds on a daemon thread."""
 
-    def __init__(self, interval: float = 0.25) -> None:
+    def __init__(self, interval: float = 0.25, max_samples: int = 86_400) -> None:
         self.interval = interval
-        self.samples: list[dict[str, Any]] = []
+        # Bounded: a loop that runs for days keeps the most recent samples (~6 h at 4 Hz), not all of them.
+        self.samples: collections.deque[dict[str, Any]] = collections.deque(maxlen=max_samples)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="vzedge-memory", daemon=True)
         self._t0 = time.perf_counter()
@@ -115,7 +117,7 @@ class MemorySampler:
 
     def rss_slope_bytes_per_s(self, skip_fraction: float = 0.2) -> float:
         """Least-squares slope of host RSS over time, after a warm-up fraction (flat memory is ~0)."""
-        pts = self.samples[int(len(self.samples) * skip_fraction) :]
+        pts = list(self.samples)[int(len(self.samples) * skip_fraction) :]
         if len(pts) < 3:
             return 0.0
         ts = [p["t"] for p in pts]
@@ -126,14 +128,40 @@ class MemorySampler:
 
 
 class RunMetrics:
-    """Frame accounting and stage latencies; thread-safe."""
+    """Frame accounting and stage latencies; thread-safe.
 
-    def __init__(self) -> None:
+    Per-frame records are kept for the most recent `max_records` finished frames (the report's frame table
+    and the latency percentiles are over that window); older ones are folded into running totals, so frame
+    accounting covers the whole run while memory stays flat however long a loop runs.
+    """
+
+    def __init__(self, max_records: int = 10_000) -> None:
         self._lock = threading.Lock()
         self.frames: dict[int, FrameRecord] = {}
+        self.max_records = max_records
+        self._folded: collections.Counter[str] = collections.Counter()
+        self._folded_drops: collections.Counter[str] = collections.Counter()
+        self._folded_tokens = 0
+        self._folded_decode_s = 0.0
+        self._folded_hits = 0
         self.t_start = time.perf_counter()
         self.t_end: float | None = None
         self.memory: MemorySampler | None = None
+
+    def _fold_old(self) -> None:
+        """Fold the oldest finished records into the totals once the window is full (caller holds the lock)."""
+        excess = len(self.frames) - self.max_records
+        if excess <= 0:
+            return
+        for index in [i for i, r in self.frames.items() if r.status != "pending"][:excess]:
+            r = self.frames.pop(index)
+            self._folded[r.status] += 1
+            if r.status == "dropped" and r.dropped_at:
+                self._folded_drops[r.dropped_at] += 1
+            if r.status == "processed":
+                self._folded_tokens += r.new_tokens
+                self._folded_decode_s += r.stage_ms.get("decode_per_token", 0.0) * r.new_tokens / 1e3
+                self._folded_hits += int(r.cache_hit)
 
     def frame(self, index: int) -> FrameRecord:
         with self._lock:
@@ -148,15 +176,23 @@ class RunMetrics:
     def dropped(self, index: int, at: str) -> None:
         rec = self.frame(index)
         rec.status, rec.dropped_at, rec.finished_at = "dropped", at, time.perf_counter()
+        self._finished()
 
     def failed(self, index: int, at: str, error: BaseException) -> None:
         rec = self.frame(index)
         rec.status, rec.dropped_at = "failed", at
         rec.error, rec.finished_at = f"{type(error).__name__}: {error}", time.perf_counter()
+        self._finished()
 
     def processed(self, index: int) -> None:
         rec = self.frame(index)
         rec.status, rec.finished_at = "processed", time.perf_counter()
+        self._finished()
+
+    def _finished(self) -> None:
+        if len(self.frames) > self.max_records:
+            with self._lock:
+                self._fold_old()
 
     def finish(self) -> None:
         self.t_end = time.perf_counter()
@@ -165,26 +201,30 @@ class RunMetrics:
         with self._lock:
             recs = list(self.frames.values())
         elapsed = (self.t_end or time.perf_counter()) - self.t_start
-        counts = {s: sum(r.status == s for r in recs) for s in ("processed", "dropped", "failed", "pending")}
+        counts = {
+            s: sum(r.status == s for r in recs) + self._folded[s] for s in ("processed", "dropped", "failed", "pending")
+        }
         done = [r for r in recs if r.status == "processed"]
         stages = {}
         for stage in STAGES:
             vals = [r.stage_ms[stage] for r in done if stage in r.stage_ms]
             if vals:
                 stages[stage] = {k: (round(v, 3) if k != "n" else v) for k, v in percentiles(vals).items()}
-        tokens = sum(r.new_tokens for r in done)
+        tokens = sum(r.new_tokens for r in done) + self._folded_tokens
         decode_s = sum(r.stage_ms.get("decode_per_token", 0.0) * r.new_tokens for r in done) / 1e3
-        dropped_by_stage: dict[str, int] = {}
+        decode_s += self._folded_decode_s
+        dropped_by_stage: dict[str, int] = dict(self._folded_drops)
         for r in recs:
             if r.status == "dropped" and r.dropped_at:
                 dropped_by_stage[r.dropped_at] = dropped_by_stage.get(r.dropped_at, 0) + 1
         out: dict[str, Any] = {
-            "frames": {"seen": len(recs), **counts, "dropped_by_stage": dropped_by_stage},
+            "frames": {"seen": len(recs) + sum(self._folded.values()), **counts, "dropped_by_stage": dropped_by_stage},
+            "stats_window_frames": len(recs),
             "elapsed_s": round(elapsed, 3),
             "frames_per_s": round(counts["processed"] / elapsed, 3) if elapsed > 0 else 0.0,
             "new_tokens": tokens,
             "decode_tokens_per_s": round(tokens / decode_s, 3) if decode_s > 0 else None,
-            "cache_hits": sum(r.cache_hit for r in done),
+            "cache_hits": sum(r.cache_hit for r in done) + self._folded_hits,
             "stages_ms": stages,
             "errors": [{"frame": r.index, "stage": r.dropped_at, "error": r.error} for r in recs if r.error][:20],
         }

@@ -268,3 +268,31 @@ def test_clips_of_frames_per_question(session, pipelined, monkeypatch):
     pixels = session.vision.preprocess.batch([scene(seed=i) for i in range(4)])
     alone = torch.cat([session.vision.encode(pixels[i : i + 1]) for i in range(4)], dim=1)
     torch.testing.assert_close(seen[0], alone, atol=1e-5, rtol=0)
+
+
+def test_long_runs_keep_a_bounded_window_of_records():
+    """Per-frame records beyond the window fold into totals: accounting stays whole, memory stays flat."""
+    from vzedge.runtime.metrics import RunMetrics
+
+    m = RunMetrics(max_records=50)
+    for i in range(500):
+        m.stage(i, "end_to_end", float(i % 7))
+        if i % 10 == 3:
+            m.dropped(i, "queue:vision")
+        elif i % 10 == 5:
+            m.failed(i, "llm", RuntimeError("x"))
+        else:
+            m.frame(i).new_tokens = 2
+            m.processed(i)
+    s = m.summary()
+    assert len(m.frames) <= 50
+    assert s["frames"] == {
+        "seen": 500,
+        "processed": 400,
+        "dropped": 50,
+        "failed": 50,
+        "pending": 0,
+        "dropped_by_stage": {"queue:vision": 50},
+    }
+    assert s["new_tokens"] == 800
+    assert s["stats_window_frames"] == len(m.frames)

@@ -92,7 +92,7 @@ def run(
     """Run the perception loop over `cfg.source`; returns the report (see vzedge.runtime.report)."""
     session = session or load_session(cfg)
     source = open_source(cfg.source, cfg.frames)
-    metrics = RunMetrics()
+    metrics = RunMetrics(cfg.max_records)
     sampler = MemorySampler(cfg.memory_interval_s).start()
     metrics.memory = sampler
     pipe = Pipeline(

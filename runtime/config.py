@@ -39,6 +39,7 @@ class RunConfig:
     token_cache: int = 8
     device: str = "auto"
     memory_interval_s: float = 0.25
+    max_records: int = 10_000  # per-frame records kept for the report; older frames fold into totals
 
     def __post_init__(self) -> None:
         self.quant = _QUANT_ALIASES.get(self.quant, self.quant)

@@ -20,6 +20,7 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=2000)
     ap.add_argument("--policy", choices=("latest", "all"), default="all")
     ap.add_argument("--max-new-tokens", type=int, default=2)
+    ap.add_argument("--max-records", type=int, default=500, help="per-frame records kept (the rest fold into totals)")
     args = ap.parse_args()
     cfg = RunConfig(
         model=args.model,
@@ -28,6 +29,7 @@ def main() -> None:
         max_new_tokens=args.max_new_tokens,
         memory_interval_s=0.5,
         token_cache=8,
+        max_records=args.max_records,
     )
     report = run(cfg, title="soak")
     s = report["summary"]
@@ -37,7 +39,12 @@ def main() -> None:
         json.dumps(
             {
                 "benchmark": "soak",
-                "conditions": conditions(model=args.model, policy=args.policy, max_new_tokens=args.max_new_tokens),
+                "conditions": conditions(
+                    model=args.model,
+                    policy=args.policy,
+                    max_new_tokens=args.max_new_tokens,
+                    max_records=args.max_records,
+                ),
                 "frames": s["frames"],
                 "unaccounted": s["frames"]["pending"] + s["frames"]["seen"] - args.frames,
                 "elapsed_s": s["elapsed_s"],

@@ -145,10 +145,10 @@ def _parity_inputs(cfg: ExportConfig, loaded: Any, tower: Any) -> dict[str, torc
 
     g = torch.Generator().manual_seed(cfg.parity_seed)
     shape = (cfg.parity_batch, tower.num_channels, tower.image_size, tower.image_size)
-    return {
-        f"random_seed{cfg.parity_seed}": torch.randn(shape, generator=g),
-        "demo_image": preprocess(loaded, [demo_image(size=tower.image_size, seed=cfg.parity_seed)]).float(),
-    }
+    image = preprocess(loaded, [demo_image(size=tower.image_size, seed=cfg.parity_seed)]).float()
+    if image.dim() == 5:  # an anyres processor: [images, crops, C, H, W]; the graph sees the crops as a batch
+        image = image.flatten(0, 1)[: cfg.max_batch]
+    return {f"random_seed{cfg.parity_seed}": torch.randn(shape, generator=g), "demo_image": image}
 
 
 def export_vision(cfg: ExportConfig) -> ExportResult:

@@ -56,7 +56,7 @@ def load_session(cfg: RunConfig) -> Session:
         from vzedge.tune import load_tuned_projector
 
         load_tuned_projector(cfg.projector, loaded.vlm, cfg.visionzip)
-    vision = open_vision_backend(cfg.vision, loaded, cfg.visionzip, cfg.vision_backend, device)
+    vision = open_vision_backend(cfg.vision, loaded, cfg.visionzip, cfg.vision_backend, device, cfg.layout)
     llm = LLMBackend(loaded.vlm, loaded.processor.tokenizer, cfg.template)
     log.info("loaded %s: vision %s (%d tokens), LLM %s", cfg.model, vision.name, vision.num_tokens, cfg.quant)
     return Session(cfg, loaded, vision, llm, device, time.perf_counter() - t0)
@@ -133,9 +133,9 @@ def chat(cfg: RunConfig, questions: list[str], session: Session | None = None) -
     session = session or load_session(cfg)
     image: Image.Image = load_image(cfg.source)
     t0 = time.perf_counter()
-    pixels = session.vision.preprocess.batch([image])
+    prepared = session.vision.prepare([image])
     t1 = time.perf_counter()
-    tokens = session.vision.encode(pixels)
+    tokens = session.vision.encode_prepared(prepared)
     t2 = time.perf_counter()
     prefix = session.llm.prefill_image(tokens[:1])
     turns = []

@@ -30,6 +30,7 @@ class RunConfig:
     frames: int | None = None
     prompt: str = "What is in the image?"
     template: str = "USER: <image>\n{question} ASSISTANT:"
+    layout: str = "reference"  # anyres models: "reference" (authors') or "newline" arrangement of the crops
     clip: int = 1  # frames per question: each compressed on its own, their tokens concatenated
     policy: str = "latest"
     queue_size: int = 1
@@ -53,6 +54,8 @@ class RunConfig:
             raise ValueError(f"frames must be >= 1, got {self.frames}")
         if self.projector is not None and self.visionzip is None:
             raise ValueError("a tuned projector is tuned for VisionZip tokens: drop --all-tokens or --projector")
+        if self.layout not in ("reference", "newline"):
+            raise ValueError(f"layout {self.layout!r}: use 'reference' or 'newline'")
         if self.clip < 1:
             raise ValueError(f"clip must be >= 1 frame per question, got {self.clip}")
         if self.max_new_tokens < 1:

@@ -98,17 +98,15 @@ class Pipeline:
     def _vision_stage(self, item: _Item) -> None:
         m, idx = self.metrics, item.frame.index
         t0 = time.perf_counter()
-        pixels = self.vision.preprocess.batch([f.image for f in item.frames])
+        prepared = self.vision.prepare([f.image for f in item.frames])
         t1 = time.perf_counter()
         m.stage(idx, "preprocess", (t1 - t0) * 1e3)
-        item.key = TokenCache.key(pixels)
+        item.key = TokenCache.key(prepared.pixels)
         tokens = self.cache.get(item.key)
         hit = tokens is not None
         if tokens is None:
-            step = self.vision.max_batch
             # Each frame is compressed on its own; a clip's tokens follow one another in frame order.
-            tokens = torch.cat([self.vision.encode(pixels[i : i + step]) for i in range(0, len(pixels), step)])
-            tokens = tokens.reshape(1, -1, tokens.shape[-1])
+            tokens = self.vision.encode_prepared(prepared)
             sync(tokens.device)
             self.cache.put(item.key, tokens)
         m.frame(idx).cache_hit = hit

@@ -145,6 +145,7 @@ def _add_runtime_args(p: argparse.ArgumentParser, source_default: str) -> None:
     p.add_argument("--source", default=source_default, help="image, folder, video, camera:K, synthetic[:N], demo")
     p.add_argument("--frames", type=int, default=None, help="stop after this many frames")
     p.add_argument("--clip", type=int, default=1, help="frames per question (video): each compressed on its own")
+    p.add_argument("--layout", choices=("reference", "newline"), default="reference", help="anyres crop arrangement")
     p.add_argument("--prompt", default="What is in the image?")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
@@ -166,6 +167,7 @@ def _run_config(args: argparse.Namespace, **extra):
         source=args.source,
         frames=args.frames,
         clip=args.clip,
+        layout=args.layout,
         prompt=args.prompt,
         max_new_tokens=args.max_new_tokens,
         device=args.device,

@@ -24,6 +24,7 @@ class OrtVisionBackend(VisionBackend):
         self.manifest = manifest
         self.input_name = graph["inputs"][0]["name"]
         self.output_name = graph["outputs"][0]["name"]
+        self.kept_name = graph["outputs"][1]["name"]
         self.num_tokens = int(manifest["visionzip"]["dominant"]) + int(manifest["visionzip"]["contextual"])
         self.preprocess = Preprocess.from_manifest(manifest["preprocess"])
         self.max_batch = int(graph.get("batch", {}).get("max", 1))
@@ -47,6 +48,20 @@ class OrtVisionBackend(VisionBackend):
         self.projector = projector.projector if projector is not None else None
         self.projected = True if projector is not None else bool(manifest["projector"])
         log.info("ORT vision graph %s on %s", graph["file"], self.providers)
+
+    @torch.inference_mode()
+    def encode_with_kept(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens, kept_indices) of a batch of crops, run as one graph batch (chunks of the export's max batch)."""
+        outs = []
+        for i in range(0, len(pixel_values), self.max_batch):
+            x = np.ascontiguousarray(pixel_values[i : i + self.max_batch].detach().cpu().numpy().astype(np.float32))
+            outs.append(self.session.run([self.output_name, self.kept_name], {self.input_name: x}))
+        tokens = torch.from_numpy(np.concatenate([o[0] for o in outs]).astype(np.float32))
+        kept = torch.from_numpy(np.concatenate([o[1] for o in outs]))
+        if self.projector is not None:
+            p = next(self.projector.parameters())
+            tokens = self.projector(tokens.to(p.device, p.dtype))
+        return tokens, kept
 
     @torch.inference_mode()
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:

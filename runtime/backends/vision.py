@@ -10,13 +10,20 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from vzedge.runtime.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
+
+
+class Prepared(NamedTuple):
+    """Preprocessed input of one question: pixels [B, 3, H, W] (anyres: [N, crops, 3, H, W] and image_sizes)."""
+
+    pixels: torch.Tensor
+    image_sizes: torch.Tensor | None = None
 
 
 class VisionBackend:
@@ -31,6 +38,17 @@ class VisionBackend:
 
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def prepare(self, images: list[Any]) -> Prepared:
+        """PIL images -> what `encode_prepared` takes (the manifest's preprocessing by default)."""
+        return Prepared(self.preprocess.batch(images))
+
+    def encode_prepared(self, prepared: Prepared) -> torch.Tensor:
+        """All images of one question -> their tokens one after another, [1, T, D]. Each image is encoded on its
+        own (in chunks of `max_batch`)."""
+        px = prepared.pixels
+        tokens = torch.cat([self.encode(px[i : i + self.max_batch]) for i in range(0, len(px), self.max_batch)])
+        return tokens.reshape(1, -1, tokens.shape[-1])
 
 
 class TorchVisionBackend(VisionBackend):
@@ -111,6 +129,50 @@ class TokenCache:
         return len(self._items)
 
 
+class AnyresVisionBackend(VisionBackend):
+    """LLaVA-NeXT / OneVision: the model's processor tiles each image into crops (base image + anyres tiles), the
+    crops run as one batch through the crop encoder — PyTorch VisionZip + projector, or an exported graph — and
+    the per-crop tokens are arranged outside the graph (`vzedge.models.llava_next.arrange_anyres`, `layout`)."""
+
+    def __init__(self, loaded: Any, cfg: Any, layout: str = "reference", graph: VisionBackend | None = None) -> None:
+        from vzedge.models.llava_next import AnyresGlue
+
+        if cfg is None:
+            raise ValueError("the runtime runs anyres models on VisionZip tokens: drop --all-tokens")
+        self.glue = AnyresGlue(loaded.vlm, cfg, layout)
+        self.graph = graph
+        self.image_processor = loaded.image_processor
+        self.num_tokens = cfg.num_tokens  # per crop
+        self.projected = True
+        self.manifest = graph.manifest if graph is not None else None
+        self.name = f"anyres-{layout}-{graph.name if graph is not None else 'torch'}-{cfg.num_tokens}"
+        if graph is not None and not graph.projected:
+            raise ValueError(
+                "an anyres model's graph must be exported with --projector (the arrangement needs LLM-width tokens)"
+            )
+
+    def prepare(self, images: list[Any]) -> Prepared:
+        out = self.image_processor(images=images, return_tensors="pt")
+        return Prepared(out["pixel_values"], out["image_sizes"])
+
+    @torch.inference_mode()
+    def encode_prepared(self, prepared: Prepared) -> torch.Tensor:
+        glue = self.glue
+        grids = glue.grids(prepared.image_sizes)
+        n_crops = [1 + r * c for r, c in grids]
+        crops = glue.gather_crops(prepared.pixels, n_crops)
+        if self.graph is None:
+            _, feats, kept = glue.encode(crops.to(next(glue.encoder.parameters()).device))
+        else:
+            feats, kept = self.graph.encode_with_kept(crops)
+        per_image = zip(feats.split(n_crops), kept.split(n_crops), grids, strict=True)
+        return torch.cat([glue.arrange(f, k, g) for f, k, g in per_image]).unsqueeze(0)
+
+
+def is_anyres(loaded: Any) -> bool:
+    return type(getattr(loaded, "vlm", None)).__name__.startswith(("LlavaNext", "LlavaOnevision"))
+
+
 def check_manifest_matches(manifest: dict[str, Any], loaded: Any) -> None:
     """Refuse an export made from another model than the one the LLM comes from."""
     src = manifest.get("source", {})
@@ -127,13 +189,17 @@ def open_vision_backend(
     cfg: Any | None,
     backend: str = "auto",
     device: str = "cpu",
+    layout: str = "reference",
 ) -> VisionBackend:
-    """`backend`: auto | torch | ort | ort-cpu | ort-cuda | ort-trt | trt."""
+    """`backend`: auto | torch | ort | ort-cpu | ort-cuda | ort-trt | trt. Anyres models (LLaVA-NeXT/OneVision)
+    get their crops arranged outside the graph with `layout`."""
     if backend not in ("auto", "torch", "ort", "ort-cpu", "ort-cuda", "ort-trt", "trt"):
         raise ValueError(f"unknown vision backend {backend!r}; use auto, torch, ort, ort-cpu, ort-cuda, ort-trt or trt")
     if export_dir is None or backend == "torch":
         if backend not in ("auto", "torch"):
             raise ValueError(f"--vision-backend {backend} needs an export folder: pass --vision DIR")
+        if is_anyres(loaded):
+            return AnyresVisionBackend(loaded, cfg, layout)
         return TorchVisionBackend(loaded, cfg, device)
     from vzedge.manifest import read_manifest, verify_files
 
@@ -146,4 +212,5 @@ def open_vision_backend(
         return TensorRTVisionBackend(Path(export_dir), manifest)
     from vzedge.runtime.backends.ort import OrtVisionBackend
 
-    return OrtVisionBackend(Path(export_dir), manifest, backend, projector=None if manifest["projector"] else loaded)
+    graph = OrtVisionBackend(Path(export_dir), manifest, backend, projector=None if manifest["projector"] else loaded)
+    return AnyresVisionBackend(loaded, cfg, layout, graph) if is_anyres(loaded) else graph

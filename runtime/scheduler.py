@@ -171,7 +171,28 @@ class Pipeline:
 
     # -- sequential ---------------------------------------------------------------------------
     def run_sequential(self, source: Source) -> RunMetrics:
-        """One frame at a time through every stage (the baseline the pipelined loop is measured against)."""
+        """One frame at a time through every stage (the baseline the pipelined loop is measured against).
+
+        The loop runs on a worker thread, as the pipelined stages do: on a CPU shared with other processes,
+        torch ops issued from the main thread were measured 50x slower than the same ops from a worker thread
+        (the main thread's OpenMP team spin-waits on descheduled siblings), which would make the comparison
+        measure threading, not overlap.
+        """
+        worker = threading.Thread(target=self._sequential_loop, args=(source,), daemon=True)
+        worker.start()
+        try:
+            while worker.is_alive():
+                worker.join(timeout=0.2)
+        except KeyboardInterrupt:
+            self.interrupted = True
+            self.stop.set()
+            worker.join(timeout=10)
+        finally:
+            source.close()
+            self.metrics.finish()
+        return self.metrics
+
+    def _sequential_loop(self, source: Source) -> None:
         try:
             for item in self._clips(source):
                 if self.stop.is_set():
@@ -181,12 +202,9 @@ class Pipeline:
                     self._guarded("llm", item, self._llm_stage)
                 if self.stop.is_set():
                     break
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # raised by the source itself (e.g. a camera driver), not by the user's Ctrl-C
             self.interrupted = True
-        finally:
-            source.close()
-            self.metrics.finish()
-        return self.metrics
+            self.stop.set()
 
     # -- pipelined ------------------------------------------------------------------------------
     def _put(self, q: queue.Queue, item: Any, stage: str) -> None:

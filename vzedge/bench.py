@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -48,18 +49,35 @@ def measure_side_by_side(
     fns: dict[str, Callable[[], Any]], warmup: int = 2, iters: int = 10, device: torch.device | str | None = None
 ) -> dict[str, dict[str, float]]:
     """Time several variants round-robin (one call of each per round), so that load from other
-    processes on a shared machine hits all of them alike and their ratios stay meaningful."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    sync(device)
+    processes on a shared machine hits all of them alike and their ratios stay meaningful.
+
+    The rounds run on a worker thread, as the runtime's stages do: on a CPU shared with other processes,
+    torch ops issued from the main thread were measured up to 50x slower than from a worker thread (the main
+    thread's OpenMP team spin-waits on descheduled siblings).
+    """
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(iters):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
+    failure: list[BaseException] = []
+
+    def rounds() -> None:
+        try:
+            for _ in range(warmup):
+                for fn in fns.values():
+                    fn()
             sync(device)
-            samples[name].append((time.perf_counter() - t0) * 1e3)
+            for _ in range(iters):
+                for name, fn in fns.items():
+                    t0 = time.perf_counter()
+                    fn()
+                    sync(device)
+                    samples[name].append((time.perf_counter() - t0) * 1e3)
+        except BaseException as err:  # re-raised in the caller's thread below
+            failure.append(err)
+
+    worker = threading.Thread(target=rounds, name="vzedge-bench")
+    worker.start()
+    worker.join()
+    if failure:
+        raise failure[0]
     return {
         name: {k: (round(v, 3) if k != "n" else v) for k, v in percentiles(s).items()} for name, s in samples.items()
     }

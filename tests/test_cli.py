@@ -24,12 +24,13 @@ def test_help_lists_the_verbs():
 def test_info_json_has_token_counts_and_flops(capsys):
     assert run(["info", "--model", "tiny", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["visual_tokens"] == {"stock": 576, "visionzip": 64, "dominant": 54, "contextual": 10}
-    assert report["encoder"]["sequence_tokens"] == 577
+    # The trained tiny: 224 px / patch 14 = 16 x 16 patches + CLS.
+    assert report["visual_tokens"] == {"stock": 256, "visionzip": 64, "dominant": 54, "contextual": 10}
+    assert report["encoder"]["sequence_tokens"] == 257
     assert report["encoder"]["layers_computed_with_visionzip"] == 3
     # T(4nd^2 + 2n^2d + 2ndm) with the tiny LLM: T=4, d=128, m=384.
     t, d, m = 4, 128, 384
-    for key, n in (("stock", 576), ("visionzip", 64)):
+    for key, n in (("stock", 256), ("visionzip", 64)):
         expect = t * (4 * n * d * d + 2 * n * n * d + 2 * n * d * m)
         assert report["llm_prefill_flops_visual"][key] == pytest.approx(expect, rel=1e-12)
 
@@ -37,14 +38,14 @@ def test_info_json_has_token_counts_and_flops(capsys):
 def test_info_text(capsys):
     assert run(["info"]) == 0
     out = capsys.readouterr().out
-    assert "stock 576 -> VisionZip 64" in out
+    assert "stock 256 -> VisionZip 64" in out
 
 
 def test_show_writes_a_png(tmp_path, capsys):
     out = tmp_path / "kept.png"
     assert run(["show", "--model", "tiny", "--image", "demo", "--out", str(out)]) == 0
     with Image.open(out) as im:
-        assert im.format == "PNG" and im.width == 2 * 336 + 8
+        assert im.format == "PNG" and im.width == 2 * 224 + 8
     assert "54 dominant + 10 contextual" in capsys.readouterr().out
     assert [p.name for p in tmp_path.iterdir()] == ["kept.png"], "no temp files left behind"
 
@@ -60,15 +61,15 @@ def test_generate_on_visionzip_and_baseline(capsys):
     vz = json.loads(capsys.readouterr().out)
     assert run(["generate", "--max-new-tokens", "2", "--json", "--no-visionzip"]) == 0
     full = json.loads(capsys.readouterr().out)
-    assert vz["image_tokens"] == 64 and full["image_tokens"] == 576
-    assert full["prompt_tokens"] - vz["prompt_tokens"] == 576 - 64
+    assert vz["image_tokens"] == 64 and full["image_tokens"] == 256
+    assert full["prompt_tokens"] - vz["prompt_tokens"] == 256 - 64
 
 
 @pytest.mark.parametrize(
     "argv, message",
     [
         (["info", "--dominant", "0"], "dominant must be >= 1"),
-        (["info", "--dominant", "600", "--contextual", "0"], "exceeds the 577 tokens"),
+        (["info", "--dominant", "600", "--contextual", "0"], "exceeds the 257 tokens"),
         (["info", "--contextual", "-1"], "contextual=-1 is negative"),
         (["info", "--model", "no such model"], "neither a built-in model"),
         (["show", "--image", "/nonexistent.png", "--out", "/tmp/x.png"], "does not exist"),

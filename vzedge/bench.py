@@ -106,10 +106,13 @@ def conditions(**extra: Any) -> dict[str, Any]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
-    for mod in ("onnxruntime", "tensorrt", "bitsandbytes"):
+    from importlib import metadata
+
+    # Versions from the installed metadata: importing bitsandbytes or onnxruntime here would initialise them.
+    for dist in ("onnxruntime", "onnxruntime-gpu", "tensorrt", "bitsandbytes", "gptqmodel"):
         try:
-            info[mod] = __import__(mod).__version__
-        except ImportError:
-            info[mod] = None
+            info[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            info[dist] = None
     info.update(extra)
     return info

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from vzedge._deps import require
-from vzedge.models.loading import BUILTIN_MODELS, LoadedModel, load_config, load_model
+from vzedge.models.loading import BUILTIN_MODELS, LoadedModel, from_vlm, load_config, load_model
 
 log = logging.getLogger(__name__)
 
@@ -253,17 +253,7 @@ def _load(model: str, qcfg: QuantConfig, method: str, dev: torch.device) -> Load
         check_4bit_cpu_shapes(vlm)
     if not is_vlm:  # a bare causal LM: no vision tower (the runtime pairs it with an exported graph)
         return LoadedModel(name=model, source=model, revision=None, vision=None, vlm=vlm, processor=processor)
-    inner = vlm.model
-    return LoadedModel(
-        name=model,
-        source=model,
-        revision=None,
-        vision=inner.vision_tower,
-        vlm=vlm,
-        processor=processor,
-        projector=inner.multi_modal_projector,
-        image_processor=getattr(processor, "image_processor", None),
-    )
+    return from_vlm(model, model, None, vlm, processor)
 
 
 def bnb_config(qcfg: QuantConfig, method: str, dtype: torch.dtype, is_vlm: bool) -> Any:

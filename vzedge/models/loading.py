@@ -1,4 +1,8 @@
-"""Load a model by name: the built-in `tiny`, a local folder, or a hub id, through one code path."""
+"""Load a model by name: a built-in model, a local folder, or a hub id, through one code path.
+
+Built-ins: `tiny` is the trained model shipped as a folder inside the package (loaded with
+`from_pretrained` like any local folder); `tiny-random` is built in memory from a seed.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +15,15 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-BUILTIN_MODELS = ("tiny",)
+BUILTIN_MODELS = ("tiny", "tiny-random")
 _VISION_TYPES = ("clip_vision_model", "siglip_vision_model", "clip", "siglip")
-_VLM_TYPES = ("llava",)
+# model_type -> transformers class: LLaVA-1.5, and the anyres families (NeXT, NeXT-Video, OneVision).
+_VLM_CLASSES = {
+    "llava": "LlavaForConditionalGeneration",
+    "llava_next": "LlavaNextForConditionalGeneration",
+    "llava_next_video": "LlavaNextVideoForConditionalGeneration",
+    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+}
 
 
 @dataclass
@@ -28,6 +38,18 @@ class LoadedModel:
     processor: Any | None = None
     projector: nn.Module | None = None
     image_processor: Any | None = None
+
+
+def _shipped_tiny() -> str:
+    from vzedge.models.tiny import weights_dir
+
+    path = weights_dir()
+    if not (path / "config.json").is_file():
+        raise ValueError(
+            f"the trained tiny model is missing from this install ({path}); reinstall vzedge, train it with "
+            "`python scripts/train_tiny.py`, or use --model tiny-random (random weights)"
+        )
+    return str(path)
 
 
 def _kind(name: str) -> str:
@@ -49,10 +71,12 @@ def _kind(name: str) -> str:
 def load_config(name: str) -> Any:
     """The model's config only (no weights): the built-in one, or config.json of a folder/hub id."""
     kind = _kind(name)
-    if kind == "builtin":
+    if name == "tiny-random":
         from vzedge.models.tiny import tiny_config
 
         return tiny_config()
+    if name == "tiny":
+        name, kind = _shipped_tiny(), "local"
     from transformers import AutoConfig
 
     try:
@@ -73,13 +97,17 @@ def _unreachable(name: str, kind: str, err: Exception) -> str:
 def load_model(name: str, dtype: Any = None, revision: str | None = None) -> LoadedModel:
     """Load `name` (built-in, local folder or hub id) as a LLaVA VLM or a bare CLIP/SigLIP encoder."""
     kind = _kind(name)
-    if kind == "builtin":
+    if name == "tiny-random":
         from vzedge.models.tiny import build_tiny
 
         vlm, processor = build_tiny()
         if dtype is not None:
             vlm = vlm.to(dtype)
-        return _from_vlm(name, "builtin:tiny", None, vlm, processor)
+        return from_vlm(name, "builtin:tiny-random", None, vlm, processor)
+    label = name
+    if name == "tiny":
+        # The shipped folder goes through exactly the path a user's local folder takes.
+        name, kind = _shipped_tiny(), "local"
     config = load_config(name)
     model_type = getattr(config, "model_type", "")
     local = kind == "local"
@@ -87,24 +115,27 @@ def load_model(name: str, dtype: Any = None, revision: str | None = None) -> Loa
     if dtype is not None:
         kw["dtype"] = dtype
     try:
-        if model_type in _VLM_TYPES:
-            from transformers import AutoProcessor, LlavaForConditionalGeneration
+        if model_type in _VLM_CLASSES:
+            import transformers
+            from transformers import AutoProcessor
 
-            log.info("loading LLaVA model %s", name)
-            vlm = LlavaForConditionalGeneration.from_pretrained(name, **kw).eval()
+            log.info("loading %s model %s", model_type, name)
+            vlm = getattr(transformers, _VLM_CLASSES[model_type]).from_pretrained(name, **kw).eval()
             processor = AutoProcessor.from_pretrained(name, local_files_only=local, revision=revision)
-            return _from_vlm(name, name, revision, vlm, processor)
+            source = "builtin:tiny" if label == "tiny" else name  # not an install-dependent path
+            return from_vlm(label, source, revision, vlm, processor)
         if model_type in _VISION_TYPES:
             return _load_vision(name, model_type, kw)
     except OSError as err:
         raise ValueError(_unreachable(name, kind, err)) from err
     raise ValueError(
-        f"{name!r} is a {model_type!r} model; vzedge supports LLaVA-1.5 checkpoints (model_type 'llava') and "
-        "bare CLIP/SigLIP vision encoders"
+        f"{name!r} is a {model_type!r} model; vzedge supports LLaVA checkpoints (model_type {sorted(_VLM_CLASSES)}) "
+        "and bare CLIP/SigLIP vision encoders"
     )
 
 
-def _from_vlm(name: str, source: str, revision: str | None, vlm: nn.Module, processor: Any) -> LoadedModel:
+def from_vlm(name: str, source: str, revision: str | None, vlm: nn.Module, processor: Any) -> LoadedModel:
+    """A LoadedModel around an already-built LLaVA model (its tower, projector and image processor)."""
     inner = vlm.model
     return LoadedModel(
         name=name,

@@ -1,18 +1,29 @@
-"""The built-in `tiny` model: LLaVA-1.5's architecture and token geometry at toy width.
+"""The built-in models: LLaVA-1.5's architecture at toy width.
 
-Built offline from a fixed seed: a CLIP-style tower (336 px, patch 14, so 576 patches + CLS as in
-LLaVA-1.5), LLaVA's two-layer MLP projector, a small Llama, and a byte-level tokenizer built locally.
+Two variants share the architecture (a CLIP-style tower with a CLS token, LLaVA's two-layer MLP
+projector, a small Llama, a byte-level tokenizer built locally):
+
+- `tiny`: trained on the synthetic VQA of `vzedge.synth` by `scripts/train_tiny.py` and shipped as a
+  folder under `weights/tiny` (224 px, patch 14: 256 patches + CLS). `load_model("tiny")` reads it with
+  `from_pretrained`, the same path as a user's local folder.
+- `tiny-random`: `build_tiny()`, random weights from a fixed seed at LLaVA-1.5's geometry (336 px,
+  patch 14: 576 patches + CLS), for tests that need a quick model.
+
 Every linear layer's in/out features are multiples of 32 (bitsandbytes' 4-bit CPU path asserts
 otherwise on avx512_bf16 machines) and of 128 on the LLM's inputs (AWQ group size).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 
 TINY_SEED = 20250601
+RANDOM_IMAGE_SIZE = 336  # tiny-random: LLaVA-1.5's 24 x 24 grid
+TRAINED_IMAGE_SIZE = 224  # tiny (trained): 16 x 16, chosen for CPU training time (see the README)
+PATCH_SIZE = 14
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", IMAGE_TOKEN)
 VOCAB_SIZE = 288  # 4 specials + 256 bytes, padded to a multiple of 32
@@ -54,7 +65,13 @@ def build_tokenizer():
     )
 
 
-def tiny_config(**text_overrides: Any):
+def weights_dir() -> Path:
+    """The shipped trained model's folder (config, safetensors, tokenizer, processor)."""
+    return Path(__file__).parent / "weights" / "tiny"
+
+
+def tiny_config(image_size: int = RANDOM_IMAGE_SIZE, **text_overrides: Any):
+    """The LlavaConfig of both variants; `image_size` sets the vision grid (patch 14)."""
     from transformers import LlamaConfig, LlavaConfig
 
     from vzedge.models import clip
@@ -73,7 +90,14 @@ def tiny_config(**text_overrides: Any):
         tie_word_embeddings=False,
     )
     text.update(text_overrides)
-    vision = clip.tiny_config(hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4)
+    vision = clip.tiny_config(
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=PATCH_SIZE,
+    )
     return LlavaConfig(
         vision_config=vision.to_dict(),
         text_config=LlamaConfig(**text).to_dict(),
@@ -88,7 +112,7 @@ def tiny_config(**text_overrides: Any):
     )
 
 
-def build_processor(image_size: int = 336, patch_size: int = 14):
+def build_processor(image_size: int = RANDOM_IMAGE_SIZE, patch_size: int = PATCH_SIZE):
     from transformers import CLIPImageProcessorPil, LlavaProcessor
 
     from vzedge.models.clip import CLIP_MEAN, CLIP_STD
@@ -109,14 +133,15 @@ def build_processor(image_size: int = 336, patch_size: int = 14):
     )
 
 
-def build_tiny(seed: int = TINY_SEED):
-    """(LlavaForConditionalGeneration, LlavaProcessor), identical on every machine for a given seed."""
+def build_tiny(seed: int = TINY_SEED, image_size: int = RANDOM_IMAGE_SIZE):
+    """`tiny-random`: (LlavaForConditionalGeneration, LlavaProcessor) with random weights, identical on
+    every machine for a given seed. The trained `tiny` is `load_model("tiny")`."""
     from transformers import LlavaForConditionalGeneration
 
-    config = tiny_config()
+    config = tiny_config(image_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlavaForConditionalGeneration(config)
     model.generation_config.pad_token_id = 0
     model.generation_config.eos_token_id = 2
-    return model.eval(), build_processor()
+    return model.eval(), build_processor(image_size)

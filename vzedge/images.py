@@ -7,14 +7,8 @@ import random
 
 from PIL import Image, ImageDraw
 
-_COLOURS = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 220),
-    "yellow": (235, 200, 30),
-    "purple": (140, 60, 180),
-    "orange": (240, 130, 30),
-}
+# The synthetic-VQA palette: the demo scene looks like what the built-in model was trained on.
+from vzedge.synth import COLOURS
 
 
 def demo_image(size: int = 336, seed: int = 0) -> Image.Image:
@@ -22,9 +16,9 @@ def demo_image(size: int = 336, seed: int = 0) -> Image.Image:
     rng = random.Random(seed)
     img = Image.new("RGB", (size, size), (235, 235, 225))
     draw = ImageDraw.Draw(img)
-    names = list(_COLOURS)
+    names = list(COLOURS)
     for _ in range(4):
-        colour = _COLOURS[rng.choice(names)]
+        colour = COLOURS[rng.choice(names)]
         r = rng.randint(size // 12, size // 6)
         x, y = rng.randint(r, size - r), rng.randint(r, size - r)
         box = (x - r, y - r, x + r, y + r)

@@ -157,28 +157,45 @@ def test_ctrl_c_keeps_the_count(session, monkeypatch):
         _accounted(report, 3)
 
 
-def test_soak_memory_is_flat_and_nothing_is_lost(session):
+_SOAK = """
+import gc, json
+from vzedge.runtime.api import load_session, run
+from vzedge.runtime.config import RunConfig
+from vzedge.runtime.metrics import host_rss_bytes
+
+cfg = RunConfig(model="tiny-random", source="synthetic:150", policy="all", max_new_tokens=1, token_cache=4,
+                memory_interval_s=0.1)
+session = load_session(cfg)
+run(RunConfig(**{**cfg.__dict__, "source": "synthetic:30"}), session)
+gc.collect()
+objects0, rss0 = len(gc.get_objects()), host_rss_bytes()
+report = run(cfg, session)
+frames = report["summary"]["frames"]
+del report
+gc.collect()
+print(json.dumps({"frames": frames, "objects": [objects0, len(gc.get_objects())], "rss": [rss0, host_rss_bytes()]}))
+"""
+
+
+def test_soak_memory_is_flat_and_nothing_is_lost():
     """A short soak (the 2,000-frame one is scripts/soak_runtime.py): nothing is retained per frame.
 
-    After a warm-up run, 150 more frames may leave neither Python objects (gc count) nor host memory
-    behind: a leaked KV prefix of tiny is ~145 KB per frame (21 MB over 150 frames), well over the
-    64 KiB-per-frame RSS bound that allocator noise stays under.
+    In a fresh process (the test process's own heap history would swamp the figure), after a warm-up run,
+    150 more frames may leave neither Python objects (gc count) nor host memory behind: a leaked KV prefix
+    of tiny is ~145 KB per frame (21 MB over 150 frames), well over the 64 KiB-per-frame RSS bound.
     """
-    import gc
+    import json
+    import subprocess
+    import sys
 
-    from vzedge.runtime.metrics import host_rss_bytes
-
-    cfg = RunConfig(source="synthetic:150", policy="all", max_new_tokens=1, token_cache=4, memory_interval_s=0.1)
-    run(RunConfig(**{**cfg.__dict__, "source": "synthetic:30"}), session)
-    gc.collect()
-    objects0, rss0 = len(gc.get_objects()), host_rss_bytes()
-    report = run(cfg, session)
-    del report["memory_samples"], report["frames"]
-    gc.collect()
-    objects1, rss1 = len(gc.get_objects()), host_rss_bytes()
-    _accounted(report, 150)
-    assert objects1 - objects0 < 150 * 0.5, (objects0, objects1)
-    assert rss1 - rss0 < 150 * 64 * 1024, (rss0, rss1)
+    out = subprocess.run([sys.executable, "-c", _SOAK], capture_output=True, text=True, check=True, timeout=600)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    f = result["frames"]
+    assert f["seen"] == f["processed"] == 150 and f["pending"] == 0, f
+    objects0, objects1 = result["objects"]
+    rss0, rss1 = result["rss"]
+    assert objects1 - objects0 < 150 * 0.5, result
+    assert rss1 - rss0 < 150 * 64 * 1024, result
 
 
 @pytest.mark.parametrize(

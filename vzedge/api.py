@@ -91,6 +91,6 @@ def generate(
         "image_tokens": n_image,
         "prompt_tokens": int(inputs["input_ids"].shape[1]),
         "new_tokens": int(new.numel()),
-        "answer": processor.tokenizer.decode(new, skip_special_tokens=True),
+        "answer": processor.tokenizer.decode(new, skip_special_tokens=True).strip(),
         "seconds": round(elapsed, 3),
     }

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
 
+from vzedge.bench import conditions
 from vzedge.io import write_json
 from vzedge.models.tiny import SPECIAL_TOKENS, build_processor
 from vzedge.tune import TuneConfig, tune
@@ -108,9 +108,7 @@ def main() -> None:
     steps_sorted = sorted(steps[1:] or steps)  # the first step includes kernel warm-up
     report = {
         "conditions": {
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
-            "torch": torch.__version__,
-            "transformers": training["versions"]["transformers"],
+            **conditions(),
             "model": f"random LLaVA-1.5 {args.size} shapes",
             "quant": args.quant,
             "amp_dtype": training["amp_dtype"],

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from vzedge.bench import conditions
 from vzedge.visionzip import VisionZipConfig
 
 log = logging.getLogger(__name__)
@@ -468,29 +469,13 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "attention": diag,
         "rows": rows,
         "seconds": round(time.perf_counter() - t0, 1),
-        "conditions": _conditions(
+        "conditions": conditions(
             dtype=str(vlm.dtype).replace("torch.", ""),
             batch=cfg.batch_size,
             max_new_tokens=cfg.max_new_tokens,
             seed=cfg.seed,
             feature_layer=int(getattr(vlm.config, "vision_feature_layer", -2)),
         ),
-    }
-
-
-def _conditions(**extra: Any) -> dict[str, Any]:
-    # Not vzedge.bench.conditions: that imports bitsandbytes for its version, which logs warnings on CPU.
-    import platform
-    from importlib.metadata import version
-
-    return {
-        "device": "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(0),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": version("transformers"),
-        **extra,
     }
 
 

@@ -201,13 +201,26 @@ def export_vision(cfg: ExportConfig) -> ExportResult:
 
     with atomic_dir(cfg.out, replace=True) as tmp:
         onnx_path = tmp / MODEL_FILE
-        timing = export_onnx(graph, onnx_path, cfg.opset, cfg.max_batch)
-        slim = slim_onnx(onnx_path) if cfg.slim else {"tool": None, "after": graph_stats(onnx_path)}
+        # int8 starts from the (cleaned-up) fp32 graph in a side folder, so its file names cannot clash.
+        traced = tmp / "fp32" / MODEL_FILE if cfg.dtype == "int8" else onnx_path
+        traced.parent.mkdir(exist_ok=True)
+        timing = export_onnx(graph, traced, cfg.opset, cfg.max_batch)
+        slim = slim_onnx(traced) if cfg.slim else {"tool": None, "after": graph_stats(traced)}
+        quantization = None
+        if cfg.dtype == "int8":
+            from vzedge.export.quantize import quantize_int8
+
+            quantization = quantize_int8(traced, onnx_path, encoder)
+            quantization["before"] = graph_stats(traced)
+            quantization["after"] = graph_stats(onnx_path)
+            shutil.rmtree(traced.parent)
 
         import onnx
 
         proto = onnx.load(str(onnx_path), load_external_data=False)
         opcheck = check_tensorrt_ops(proto).to_dict()
+        if cfg.dtype == "int8":
+            opcheck["note"] = "int8 graphs are for ONNX Runtime on CPU; TensorRT engines come from fp16/fp32 exports"
         precision = visionzip_precision(proto)
         _check_precision(precision)
         del proto
@@ -265,6 +278,7 @@ def export_vision(cfg: ExportConfig) -> ExportResult:
                 "slim": slim,
                 "opcheck": opcheck,
                 "precision": precision,
+                "quantization": quantization,
                 "parity": parity,
                 "tensorrt": trt_record,
             },

@@ -9,15 +9,16 @@ from typing import Literal
 
 from vzedge.visionzip import VisionZipConfig
 
-ExportDtype = Literal["fp32", "fp16"]
-DTYPES: tuple[str, ...] = ("fp32", "fp16")
+ExportDtype = Literal["fp32", "fp16", "int8"]
+# int8: ViT linear weights int8 with run-time activation scales, for ONNX Runtime on CPU (export/quantize.py).
+DTYPES: tuple[str, ...] = ("fp32", "fp16", "int8")
 
 # LayerNormalization, one per ViT layer, is an ONNX op from opset 17 on; below it the exporter would decompose it
 # into ReduceMean/Pow/Sqrt, whose fp16 Pow overflows on Jetson. 17 is also the newest TensorRT 8.6 parses.
 MIN_OPSET = 17
 # TensorRT 10.0's ONNX parser reads opsets 9-20 (onnx-tensorrt docs/operators.md); newer ones are not tested here.
 MAX_OPSET = 20
-DEFAULT_OPSET = 18  # torch.onnx's dynamo exporter emits 18 natively; other opsets go through its version converter
+DEFAULT_OPSET = 18  # torch.onnx's dynamo exporter emits 18 natively; 17 is rewritten by onnx_export.downgrade_opset
 MAX_BATCH_LIMIT = 1024
 
 
@@ -28,6 +29,8 @@ class ExportConfig:
     model: 'tiny', a local folder or a hub id (a LLaVA-1.5 checkpoint or a bare CLIP/SigLIP vision model).
     projector: append the LLaVA projector, so tokens come out in the LLM's embedding width.
     dtype: weights and activations of the ViT layers; scoring, key normalisation and the merge stay fp32.
+        int8 quantizes the ViT layers' linear weights (activations at run time) for ORT on CPU; see
+        vzedge.export.quantize for what stays fp32.
     max_batch: the largest batch the graph (and the TensorRT profile) accepts; the batch dim is dynamic in [1, max].
     force: replace an `out` that holds a different model's export, or leftovers of an interrupted one.
     projector_weights: a `vzedge tune` folder whose tuned projector replaces the model's (checked against the
@@ -58,7 +61,12 @@ class ExportConfig:
         if not isinstance(self.visionzip, VisionZipConfig):
             raise TypeError(f"visionzip must be a VisionZipConfig, got {type(self.visionzip).__name__}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"dtype={self.dtype!r} is not one of {DTYPES}; use --dtype fp32 or --dtype fp16")
+            raise ValueError(f"dtype={self.dtype!r} is not one of {DTYPES}; use --dtype fp32, fp16 or int8")
+        if self.dtype == "int8" and self.trt:
+            raise ValueError(
+                "--dtype int8 makes a graph for ONNX Runtime on CPU (MatMulInteger), which TensorRT does not build; "
+                "for a TensorRT engine use --dtype fp16 --trt (or fp32), and int8 without --trt for CPU"
+            )
         for name in ("opset", "max_batch", "parity_seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):

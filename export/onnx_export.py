@@ -30,6 +30,23 @@ MODEL_FILE = "model.onnx"
 EXTERNAL_DATA_FILE = "model.onnx.data"
 # Protobuf cannot serialise a message over 2 GiB: bigger graphs keep their weights in EXTERNAL_DATA_FILE.
 PROTOBUF_LIMIT = 2 * 1024**3
+NATIVE_OPSET = 18  # what torch.onnx's dynamo exporter emits
+# Reductions whose `axes` moved from an attribute to an input in opset 18 (ReduceSum did so in 13).
+_AXES_INPUT_SINCE_18 = frozenset(
+    {
+        "ReduceMean",
+        "ReduceMax",
+        "ReduceMin",
+        "ReduceProd",
+        "ReduceL1",
+        "ReduceL2",
+        "ReduceLogSum",
+        "ReduceLogSumExp",
+        "ReduceSumSquare",
+    }
+)
+# Ops whose opset-18 form has inputs/attributes opset 17 lacks, which this downgrade does not rewrite.
+_CHANGED_IN_18 = frozenset({"Split", "Pad", "Resize", "ScatterND", "CenterCropPad", "Col2Im", "GroupNormalization"})
 
 
 class VisionGraph(nn.Module):
@@ -70,7 +87,9 @@ def export_onnx(graph: VisionGraph, path: Path, opset: int, max_batch: int) -> d
             graph.eval(),
             (example,),
             dynamo=True,
-            opset_version=opset,
+            # The exporter's native opset; older ones are written by `downgrade_opset` below (onnx's version
+            # converter, which torch.onnx would use, fails 18 -> 17 on ReduceMean with axes as an input).
+            opset_version=max(opset, NATIVE_OPSET),
             input_names=[INPUT_NAME],
             output_names=list(OUTPUT_NAMES),
             dynamic_shapes=dynamic_shapes,
@@ -79,9 +98,63 @@ def export_onnx(graph: VisionGraph, path: Path, opset: int, max_batch: int) -> d
         )
     assert program is not None
     seconds = time.perf_counter() - t0
-    save_model(program.model_proto, path)
+    model = program.model_proto
+    if opset < NATIVE_OPSET:
+        model = downgrade_opset(model, opset)
+    save_model(model, path)
     log.info("exported %s in %.1f s", path.name, seconds)
     return {"export_seconds": round(seconds, 2)}
+
+
+def downgrade_opset(model: Any, opset: int) -> Any:
+    """Rewrite an opset-18 graph as opset `opset` (17): reductions get their constant `axes` back as an
+    attribute. Ops whose opset-18 form this does not handle are refused with a message, never guessed."""
+    onnx = require("onnx", "ONNX export")
+    from onnx import numpy_helper
+
+    if opset != 17:
+        raise ValueError(f"opset {opset}: only 17 (TensorRT 8.6) is written by downgrading; use --opset 17 or 18")
+    constants = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    constants[node.output[0]] = numpy_helper.to_array(attr.t)
+    problems = []
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type in _CHANGED_IN_18:
+            problems.append(f"{node.op_type} ({node.name})")
+        elif node.op_type == "ScatterElements" and any(
+            a.name == "reduction" and a.s in (b"max", b"min") for a in node.attribute
+        ):
+            problems.append(f"ScatterElements with max/min reduction ({node.name})")
+        elif node.op_type in _AXES_INPUT_SINCE_18:
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            axes = node.input[1] if len(node.input) > 1 and node.input[1] else None
+            if axes is not None and axes not in constants:
+                problems.append(f"{node.op_type} with computed axes ({node.name})")
+                continue
+            if attrs.get("noop_with_empty_axes", 0) and (axes is None or constants[axes].size == 0):
+                problems.append(f"{node.op_type} with noop_with_empty_axes ({node.name})")
+                continue
+            keep = [a for a in node.attribute if a.name != "noop_with_empty_axes"]
+            del node.attribute[:]
+            node.attribute.extend(keep)
+            if axes is not None:
+                node.attribute.append(onnx.helper.make_attribute("axes", [int(v) for v in constants[axes].ravel()]))
+                del node.input[1:]
+    if problems:
+        raise ValueError(
+            f"cannot write this graph as opset {opset}: {', '.join(problems)} use opset-18 features; "
+            f"use --opset {NATIVE_OPSET} (TensorRT 10 reads it)"
+        )
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            imp.version = opset
+    onnx.checker.check_model(model)
+    return model
 
 
 @contextlib.contextmanager

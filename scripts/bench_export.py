@@ -3,9 +3,11 @@
     python scripts/bench_export.py                 # ViT-L/14-336 (LLaVA-1.5's tower), random weights, 24 layers
     python scripts/bench_export.py --layers 4 --iters 3 --batches 1
 
-Rows, batch 1 and 8: the stock HF encoder (all layers, 577 tokens out), VisionZipEncoder in torch eager,
-ORT CPU on the fp32 and fp16 exports, TensorRT (through ORT's TensorRT EP) where present. Also the merge
-alone, one-hot MatMul vs ScatterElements(add), both in ORT. JSON on stdout, a Markdown table on stderr.
+Rows, batch 1 and 8: the stock HF encoder (all layers, 577 tokens out), VisionZipEncoder in torch eager
+(fp32, and under CPU bf16 autocast for context: it uses AMX/AVX512-BF16 where the CPU has them), ORT CPU on
+the fp32, fp16 and int8 exports, TensorRT (through ORT's TensorRT EP) where present. Each export's parity
+figures against the fp32 encoder come with it. Also the merge alone, one-hot MatMul vs ScatterElements(add),
+both in ORT. JSON on stdout, a Markdown table on stderr.
 """
 
 from __future__ import annotations
@@ -34,6 +36,25 @@ def _ort_session(path: Path, threads: int, providers: list[Any] | None = None):
     so.intra_op_num_threads = threads
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
+
+
+def _bf16(encoder: Any, x: torch.Tensor) -> Any:
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return encoder(x)
+
+
+def _bf16_parity(encoder: Any, batch: int) -> dict[str, Any]:
+    """The bf16 context row's accuracy, by the exporter's own parity figures (vs the fp32 encoder)."""
+    from dataclasses import asdict
+
+    from vzedge.export.parity import compare
+
+    x = torch.randn(batch, 3, 336, 336, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = encoder(x)
+        got = _bf16(encoder, x)
+    tokens, kept = got.tokens.float().numpy(), got.kept_indices.numpy()
+    return asdict(compare("random_seed1", tokens, kept, ref.tokens, ref.kept_indices))
 
 
 def bench_merge(threads: int, warmup: int, iters: int, tmp: Path) -> dict[str, Any]:
@@ -82,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dominant", type=int, default=54)
     ap.add_argument("--contextual", type=int, default=10)
     ap.add_argument("--no-merge-bench", action="store_true")
+    ap.add_argument("--dtypes", nargs="+", default=["fp32", "fp16", "int8"], choices=["fp32", "fp16", "int8"])
+    ap.add_argument("--no-bf16", action="store_true", help="skip the torch bf16-autocast context row")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
 
@@ -117,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp_name)
         model.save_pretrained(tmp / "model")
         exports = {}
-        for dtype in ("fp32", "fp16"):
+        for dtype in args.dtypes:
             t0 = time.perf_counter()
             res = export_vision(
                 ExportConfig(model=str(tmp / "model"), out=tmp / dtype, visionzip=vz, dtype=dtype, max_batch=max_batch)
@@ -138,7 +161,11 @@ def main(argv: list[str] | None = None) -> int:
             from vzedge.export.tensorrt import ort_tensorrt_providers
 
             providers = ort_tensorrt_providers(tmp / "trt-cache", "pixel_values", (3, 336, 336), max_batch)
-            trt_session = _ort_session(exports["fp16"] / "model.onnx", threads, providers)
+            fp16 = exports.get("fp16") or exports.get("fp32")
+            trt_session = _ort_session(fp16 / "model.onnx", threads, providers) if fp16 is not None else None
+            trt_note = None if trt_session is not None else "no fp16/fp32 export in --dtypes"
+        if not args.no_bf16:
+            result["torch_bf16_autocast_parity"] = _bf16_parity(encoder, max_batch)
         g = torch.Generator().manual_seed(0)
         for batch in args.batches:
             x = torch.randn(batch, 3, 336, 336, generator=g)
@@ -146,9 +173,11 @@ def main(argv: list[str] | None = None) -> int:
             runs: dict[str, Callable[[], Any]] = {
                 "hf_stock_all_layers_577_tokens": lambda x=x: model(pixel_values=x),
                 "visionzip_torch_eager": lambda x=x: encoder(x),
-                "ort_cpu_fp32": lambda xn=xn: sessions["fp32"].run(None, {"pixel_values": xn}),
-                "ort_cpu_fp16": lambda xn=xn: sessions["fp16"].run(None, {"pixel_values": xn}),
             }
+            if not args.no_bf16:
+                runs["visionzip_torch_bf16_autocast"] = lambda x=x: _bf16(encoder, x)
+            for dtype, sess in sessions.items():
+                runs[f"ort_cpu_{dtype}"] = lambda xn=xn, sess=sess: sess.run(None, {"pixel_values": xn})
             if trt_session is not None:
                 runs["ort_tensorrt_fp16"] = lambda xn=xn: trt_session.run(None, {"pixel_values": xn})
             row: dict[str, Any] = {"batch": batch}

@@ -33,8 +33,8 @@ def _fake_manifest(folder: Path, source: str = "someone/other-model") -> None:
 def test_config_validation():
     with pytest.raises(ValueError, match="opset 13 is too old: LayerNormalization"):
         ExportConfig(model="tiny-random", out="x", opset=13)
-    with pytest.raises(ValueError, match="--dtype fp32 or --dtype fp16"):
-        ExportConfig(model="tiny-random", out="x", dtype="int8")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="use --dtype fp32, fp16 or int8"):
+        ExportConfig(model="tiny-random", out="x", dtype="int4")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="--max-batch"):
         ExportConfig(model="tiny-random", out="x", max_batch=0)
     with pytest.raises(ValueError, match="--model tiny"):

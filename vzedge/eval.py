@@ -11,12 +11,15 @@ normalisation) on K visual tokens per image, chosen by:
 All three take the output of the model's feature layer (-2) and go through the model's own projector;
 `full` is the stock model on all its patches. Budgets are given in LLaVA-1.5 tokens (576 patches) and
 scaled to the model's grid unless `scale=False`.
+
+With `tuned` folders (`vzedge tune` outputs), each adds a `visionzip+tuned` row at the token count it was
+tuned for: VisionZip with the folder's config and its tuned projector weights (through
+`apply_visionzip(projector=...)`), the original weights put back bit for bit afterwards.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import logging
 import math
@@ -38,6 +41,8 @@ from vzedge.visionzip import VisionZipConfig
 log = logging.getLogger(__name__)
 
 METHODS = ("visionzip", "random", "pool")
+TUNED_METHOD = "visionzip+tuned"
+UNTUNED = "untuned: pass --tuned DIR (a `vzedge tune` output) to add tuned rows"
 LLAVA15_PATCHES = 576
 PAPER_DOMINANT, PAPER_CONTEXTUAL = 54, 10
 
@@ -49,6 +54,8 @@ class EvalConfig:
     data: "synth" (the held-out synthetic test split) or a LLaVA-format JSON file; images: the folder
     its "image" paths are relative to. tokens: budgets, in LLaVA-1.5 tokens when scale is true (576 =
     all tokens). n: questions (synth: balanced over kinds; a JSON file: the first n, 0 = all).
+    tuned: `vzedge tune` output folders; each adds a `visionzip+tuned` row at the token count it was tuned
+    for, which must be one of the evaluated budgets (after scaling).
     """
 
     model: str = "tiny"
@@ -61,6 +68,7 @@ class EvalConfig:
     seed: int = 0
     batch_size: int = 32
     max_new_tokens: int = 10
+    tuned: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.tokens or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in self.tokens):
@@ -79,6 +87,26 @@ class EvalConfig:
             raise ValueError(
                 f"--data {self.data!r} is a LLaVA-format file: pass --images DIR, the folder of its images"
             )
+        if isinstance(self.tuned, (str, os.PathLike)):
+            raise TypeError(f"tuned={self.tuned!r}: pass a sequence of folders, e.g. tuned=({str(self.tuned)!r},)")
+        object.__setattr__(self, "tuned", tuple(os.fspath(p) for p in self.tuned))
+        for folder in self.tuned:
+            _check_tune_folder(folder)
+
+
+def _check_tune_folder(folder: str) -> None:
+    """The checks that need no model: the folder exists and holds a `vzedge tune` output."""
+    from vzedge.tune import CONFIG_FILE, PROJECTOR_FILE
+
+    if not os.path.isdir(folder):
+        what = "is a file" if os.path.exists(folder) else "does not exist"
+        raise ValueError(f"--tuned {folder!r} {what}; pass the --out folder of a `vzedge tune` run")
+    missing = [f for f in (CONFIG_FILE, PROJECTOR_FILE) if not os.path.isfile(os.path.join(folder, f))]
+    if missing:
+        raise ValueError(
+            f"--tuned {folder!r} is not a `vzedge tune` output (no {' or '.join(missing)}); pass the folder "
+            "that `vzedge tune --out DIR` wrote, or make one with `vzedge tune`"
+        )
 
 
 @dataclass
@@ -223,15 +251,30 @@ def pool_tokens(patches: torch.Tensor, grid: int, k: int) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def reduced_tokens(vlm: nn.Module, method: str, k: int, seed: int) -> Iterator[None]:
-    """Make `vlm` see k visual tokens per image chosen by `method` (VisionZip through apply_visionzip)."""
+def reduced_tokens(
+    vlm: nn.Module,
+    method: str,
+    k: int,
+    seed: int,
+    visionzip: VisionZipConfig | None = None,
+    projector: str | os.PathLike[str] | None = None,
+) -> Iterator[None]:
+    """Make `vlm` see k visual tokens per image chosen by `method` (VisionZip through apply_visionzip).
+
+    visionzip: the config for "visionzip"/"visionzip+tuned" (default: the paper's split at k); projector:
+    for "visionzip+tuned", the `vzedge tune` folder whose weights replace the projector's until exit.
+    """
     from vzedge.models import adapt_vision_tower
     from vzedge.models.llava import _llava_parts, apply_visionzip, remove_visionzip
 
     layer = int(getattr(vlm.config, "vision_feature_layer", -2))
-    if method == "visionzip":
-        dominant, contextual = visionzip_split(k)
-        apply_visionzip(vlm, VisionZipConfig(dominant=dominant, contextual=contextual, layer=layer))
+    if (projector is not None) != (method == TUNED_METHOD):
+        raise ValueError(f"method {method!r} with projector={projector!r}: {TUNED_METHOD!r} needs a tuned folder")
+    if method in ("visionzip", TUNED_METHOD):
+        vz = visionzip or VisionZipConfig(*visionzip_split(k), layer=layer)
+        assert vz.num_tokens == k, (vz, k)
+        # remove_visionzip puts the projector's original weights back (copied, so bit for bit).
+        apply_visionzip(vlm, vz, projector=projector)
         try:
             yield
         finally:
@@ -389,8 +432,80 @@ def _baselines(items: list[Item], data: str) -> dict[str, Any]:
     return {"chance_uniform": chance, "prior_majority": prior, "prior_answers": top}
 
 
+@dataclass(frozen=True)
+class TunedRow:
+    """A `--tuned` folder checked against the model: where its row goes and what it applies."""
+
+    folder: str
+    budget: int
+    visionzip: VisionZipConfig
+    record: dict[str, Any]  # read_tuned_projector's record: path, sha256, base, visionzip, steps, final_loss
+
+
+def evaluated_counts(cfg: EvalConfig, num_patches: int) -> dict[int, int]:
+    """Reduced token counts eval runs on a grid of `num_patches`, each with the (largest) budget giving it."""
+    counts: dict[int, int] = {}
+    for budget in sorted(set(cfg.tokens), reverse=True):
+        k = scaled_budget(budget, num_patches, cfg.scale)
+        if k < num_patches:
+            counts.setdefault(k, budget)
+    return counts
+
+
+def plan_tuned(cfg: EvalConfig, vlm: nn.Module, num_patches: int) -> list[TunedRow]:
+    """Check every `cfg.tuned` folder against `vlm` (base model, weights) and the evaluated budgets, before
+    any row runs; nothing is modified. ValueError names the fix."""
+    from vzedge.tune import read_tune_config, read_tuned_projector
+
+    counts = evaluated_counts(cfg, num_patches)
+    plan = []
+    for folder in cfg.tuned:
+        tuned_vz = read_tune_config(folder)["visionzip"]
+        try:
+            vz = VisionZipConfig(**tuned_vz)
+        except (TypeError, ValueError) as err:
+            msg = f"--tuned {folder!r}: VisionZip config {tuned_vz} is not valid ({err}); tune again"
+            raise ValueError(msg) from err
+        record = read_tuned_projector(folder, vlm, vz).record  # another base model or edited weights: refused
+        k = vz.num_tokens
+        if k not in counts:
+            raise ValueError(_budget_hint(folder, vz, counts, num_patches, cfg))
+        if (vz.dominant, vz.contextual) != visionzip_split(k):
+            log.info(
+                "%s was tuned for %d+%d; its row uses that split (the visionzip rows use %d+%d)",
+                folder,
+                vz.dominant,
+                vz.contextual,
+                *visionzip_split(k),
+            )
+        plan.append(TunedRow(folder, counts[k], vz, record))
+    return plan
+
+
+def _budget_hint(folder: str, vz: VisionZipConfig, counts: dict[int, int], num_patches: int, cfg: EvalConfig) -> str:
+    k = vz.num_tokens
+    tokens = ",".join(str(t) for t in cfg.tokens)
+    how = "scaled from LLaVA-1.5's 576 patches" if cfg.scale else "taken literally (--no-scale)"
+    head = (
+        f"--tuned {folder!r} was tuned for {k} VisionZip tokens ({vz.dominant}+{vz.contextual}) but eval runs "
+        f"VisionZip at {sorted(counts, reverse=True) or 'no reduced count'} tokens on this model's {num_patches} "
+        f"patches (--tokens {tokens}, {how})"
+    )
+    if k >= num_patches:
+        return f"{head}; a tuned row needs fewer tokens than the {num_patches} patches: tune for a smaller budget"
+    literal = ",".join(str(c) for c in sorted({*counts, k}, reverse=True))
+    fixes = [f"--no-scale --tokens {num_patches},{literal}"] if cfg.scale else [f"--no-scale --tokens {tokens},{k}"]
+    if cfg.scale:
+        exact = [t for t in range(1, LLAVA15_PATCHES + 1) if scaled_budget(t, num_patches, True) == k]
+        if exact:
+            t = min(exact, key=lambda t: abs(t - k * LLAVA15_PATCHES / num_patches))
+            which = f"budget {t} scales" if len(exact) == 1 else f"budgets {exact[0]}-{exact[-1]} scale"
+            fixes.insert(0, f"--tokens {tokens},{t} (LLaVA-1.5 {which} to {k})")
+    return f"{head}; add its budget: {' or '.join(fixes)}"
+
+
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
-    """Accuracy per kind and overall at each budget for each method; JSON-ready, with conditions."""
+    """Accuracy per kind and overall at each budget for each method (and each tuned folder); JSON-ready."""
     from vzedge.models.loading import load_model
 
     loaded = load_model(cfg.model)
@@ -400,6 +515,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     vcfg = vlm.config.vision_config
     grid = vcfg.image_size // vcfg.patch_size
     num_patches = grid * grid
+    plan = plan_tuned(cfg, vlm, num_patches)  # before any row runs: a bad folder fails fast
     if cfg.data == "synth":
         items = synth_items(cfg.n, cfg.seed, vcfg.image_size)
     else:
@@ -408,7 +524,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
 
-    def run(method: str, budget: int, k: int, split: tuple[int, int] | None) -> None:
+    def run(
+        method: str, budget: int, k: int, split: tuple[int, int] | None, weights: dict[str, Any] | None = None
+    ) -> None:
         t = time.perf_counter()
         preds = answer(vlm, processor, items, k, cfg.batch_size, cfg.max_new_tokens)
         acc = score(items, preds)
@@ -420,11 +538,12 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                 "dominant": split[0] if split else None,
                 "contextual": split[1] if split else None,
                 "accuracy": {key: round(v, 4) for key, v in acc.items()},
+                "projector_weights": weights,
                 "seconds": round(time.perf_counter() - t, 2),
             }
         )
         log.info(
-            "%-9s budget %4d -> %3d tokens: overall %.3f (%.1f s)",
+            "%-15s budget %4d -> %3d tokens: overall %.3f (%.1f s)",
             method,
             budget,
             k,
@@ -442,10 +561,12 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             split = visionzip_split(k) if method == "visionzip" else None
             with reduced_tokens(vlm, method, k, cfg.seed):
                 run(method, budget, k, split)
+        for tuned in (t for t in plan if t.budget == budget):
+            with reduced_tokens(vlm, TUNED_METHOD, k, cfg.seed, visionzip=tuned.visionzip, projector=tuned.folder):
+                run(TUNED_METHOD, budget, k, (tuned.visionzip.dominant, tuned.visionzip.contextual), tuned.record)
     full = rows[0]["accuracy"]["overall"]
     for r in rows:
         r["relative_to_full"] = round(r["accuracy"]["overall"] / full, 4) if full > 0 else None
-    tuned = importlib.util.find_spec("vzedge.tune") is not None
     smallest = min(r["tokens"] for r in rows)
     diag = None
     if cfg.data == "synth" and getattr(adapt_tower(vlm), "has_cls", False) and smallest < num_patches:
@@ -460,11 +581,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "stock_image_tokens": stock,
         "budgets_scaled_from_576": cfg.scale,
         "metric": "exact match after normalize() (lower case, no punctuation or articles), greedy decoding",
-        "projector_tuning": (
-            "untuned: vzedge.tune is present but eval does not apply a tuned projector yet"
-            if tuned
-            else "untuned: projector tuning (vzedge.tune) is not available"
-        ),
+        "projector_tuning": _tuning_summary(plan),
         "baselines": _baselines(items, cfg.data),
         "attention": diag,
         "rows": rows,
@@ -479,6 +596,15 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     }
 
 
+def _tuning_summary(plan: list[TunedRow]) -> str:
+    if not plan:
+        return UNTUNED
+    rows = "; ".join(
+        f"{t.folder} ({t.visionzip.num_tokens} tokens, {t.visionzip.dominant}+{t.visionzip.contextual})" for t in plan
+    )
+    return f"{TUNED_METHOD} rows use the tuned projector of {rows}; all other rows the model's own"
+
+
 def markdown_table(result: dict[str, Any]) -> str:
     """Budgets as rows, methods side by side, accuracy per kind: what the README shows."""
     rows = result["rows"]
@@ -487,6 +613,8 @@ def markdown_table(result: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         method = r["method"] + (f" {r['dominant']}+{r['contextual']}" if r["dominant"] is not None else "")
+        if r.get("projector_weights"):
+            method += f" ({os.path.basename(os.path.normpath(r['projector_weights']['path']))})"
         cells = [
             method,
             str(r["budget"]),
@@ -511,7 +639,8 @@ def markdown_table(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: str) -> None:
-    """Overall accuracy against visual tokens, one line per method, full and chance as references."""
+    """Overall accuracy against visual tokens, one line per method (tuned rows their own series), full and
+    chance as references."""
     from vzedge._deps import require
     from vzedge.io import atomic_path
 
@@ -521,7 +650,7 @@ def plot(result: dict[str, Any], path: str) -> None:
     rows = result["rows"]
     full = rows[0]
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
-    for method, style in (("visionzip", "o-"), ("random", "s--"), ("pool", "^:")):
+    for method, style in (("visionzip", "o-"), ("random", "s--"), ("pool", "^:"), (TUNED_METHOD, "D-.")):
         pts = sorted((r["tokens"], r["accuracy"]["overall"]) for r in rows if r["method"] == method)
         if pts:
             ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], style, label=method)

@@ -198,16 +198,8 @@ class TunedProjector:
     record: dict[str, Any]  # what the manifest / caller records: path, sha256, base, visionzip, steps, loss
 
 
-def read_tuned_projector(path: str | os.PathLike[str], vlm: nn.Module, cfg: VisionZipConfig) -> TunedProjector:
-    """Read and check a `vzedge tune` output folder against `vlm` and `cfg`; nothing is modified.
-
-    Raises ValueError naming both sides when the folder was tuned for another base model or another
-    VisionZip config, or when its files do not match their recorded hashes.
-    """
-    from safetensors.torch import load_file
-
-    from vzedge.models.llava import _llava_parts
-
+def read_tune_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The tune_config.json of a `vzedge tune` output folder, checked for format and completeness only."""
     folder = Path(path)
     config_path = folder / CONFIG_FILE
     if not config_path.is_file():
@@ -225,6 +217,21 @@ def read_tuned_projector(path: str | os.PathLike[str], vlm: nn.Module, cfg: Visi
     missing = [k for k in ("base", "visionzip", "projector", "training") if not isinstance(tuned.get(k), dict)]
     if missing:
         raise ValueError(f"{config_path} lacks {missing}: an incomplete or edited file; tune again")
+    return tuned
+
+
+def read_tuned_projector(path: str | os.PathLike[str], vlm: nn.Module, cfg: VisionZipConfig) -> TunedProjector:
+    """Read and check a `vzedge tune` output folder against `vlm` and `cfg`; nothing is modified.
+
+    Raises ValueError naming both sides when the folder was tuned for another base model or another
+    VisionZip config, or when its files do not match their recorded hashes.
+    """
+    from safetensors.torch import load_file
+
+    from vzedge.models.llava import _llava_parts
+
+    folder = Path(path)
+    tuned = read_tune_config(folder)
     if tuned["visionzip"] != cfg.to_dict():
         raise ValueError(
             f"{folder} was tuned for VisionZip {tuned['visionzip']} but the model is set up for {cfg.to_dict()}; "

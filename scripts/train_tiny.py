@@ -173,8 +173,11 @@ def llm_batch(step: int, args, tokenizer, n_image: int):
         scene, qa = synth.scene_questions("train", index, args.seed)
         kinds = list(qa)
         rng.shuffle(kinds)
+        turns = [qa[k] for k in kinds[: args.turns]]
+        if rng.random() < args.caption_rate:  # a caption turn at a random place among the questions
+            turns.insert(rng.randint(0, len(turns)), (synth.CAPTION_QUESTION, synth.caption(scene)))
         images.append(synth.render(scene, args.image_size))
-        seqs.append(conversation(tokenizer, n_image, [qa[k] for k in kinds[: args.turns]]))
+        seqs.append(conversation(tokenizer, n_image, turns))
     width = max(len(s[0]) for s in seqs)
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([s[0] + [pad] * (width - len(s[0])) for s in seqs])
@@ -256,13 +259,20 @@ def main() -> None:
     ap.add_argument("--out", default="vzedge/models/weights/tiny")
     ap.add_argument("--seed", type=int, default=0, help="data seed (train split); weights start from TINY_SEED")
     ap.add_argument("--image-size", type=int, default=TRAINED_IMAGE_SIZE)
-    ap.add_argument("--vision-steps", type=int, default=80)
+    ap.add_argument("--vision-steps", type=int, default=1000)
     ap.add_argument("--vision-batch", type=int, default=16)
     ap.add_argument("--vision-lr", type=float, default=3e-3)
-    ap.add_argument("--llm-steps", type=int, default=400)
+    ap.add_argument("--llm-steps", type=int, default=1100)
     ap.add_argument("--llm-batch", type=int, default=16)
     ap.add_argument("--llm-lr", type=float, default=3e-3)
     ap.add_argument("--turns", type=int, default=6, help="questions per image in one training conversation")
+    ap.add_argument(
+        "--caption-rate",
+        type=float,
+        default=0.0,
+        help="share of stage-2 conversations with a caption turn (tried at 0.5: no gain, see the README)",
+    )
+    ap.add_argument("--vision-from", default=None, help="take the stage-1 vision tower from a folder (skips stage 1)")
     ap.add_argument("--eval-n", type=int, default=300, help="held-out test questions for the final accuracy")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--log-every", type=int, default=10)
@@ -287,6 +297,15 @@ def main() -> None:
         previous = json.loads((Path(args.resume) / "training.json").read_text())
         vision_last = previous["final_train_metrics"]["vision"]
         args.image_size = vlm.config.vision_config.image_size
+    elif args.vision_from:
+        # Recipe experiments: a previous run's stage-1 tower, a fresh projector and LLM.
+        from transformers import LlavaForConditionalGeneration
+
+        vlm, processor = build_tiny(TINY_SEED, image_size=args.image_size)
+        donor = LlavaForConditionalGeneration.from_pretrained(args.vision_from, local_files_only=True)
+        vlm.model.vision_tower.load_state_dict(donor.model.vision_tower.state_dict())
+        previous_vision = json.loads((Path(args.vision_from) / "training.json").read_text())
+        vision_last = {"from": args.vision_from, **previous_vision["final_train_metrics"]["vision"]}
     else:
         vlm, processor = build_tiny(TINY_SEED, image_size=args.image_size)
         vision_last = train_vision(vlm, args)

@@ -66,17 +66,37 @@ def show(model: str, image: str, out: str, cfg: VisionZipConfig) -> dict[str, An
 
 @torch.no_grad()
 def generate(
-    model: str, image: str, prompt: str, cfg: VisionZipConfig | None, max_new_tokens: int = 32
+    model: str,
+    image: str,
+    prompt: str,
+    cfg: VisionZipConfig | None,
+    max_new_tokens: int = 32,
+    projector: str | None = "auto",
 ) -> dict[str, Any]:
-    """Answer `prompt` about `image` with a LLaVA model, on VisionZip tokens (cfg) or all tokens (None)."""
+    """Answer `prompt` about `image` with a LLaVA model, on VisionZip tokens (cfg) or all tokens (None).
+
+    projector: a `vzedge tune` folder to use for the VisionZip tokens; "auto" takes the one shipped for the
+    built-in `tiny` at this config if there is one (54+10), else the model's own; None or "none": the model's own.
+    """
     from vzedge.models.llava import apply_visionzip
 
     loaded = load_model(model)
     if loaded.vlm is None or loaded.processor is None:
         raise ValueError(f"{model!r} is a bare vision encoder; generate needs a LLaVA model (e.g. --model tiny)")
     vlm, processor = loaded.vlm, loaded.processor
+    if projector == "auto":
+        projector = None
+        if cfg is not None and loaded.source == "builtin:tiny":
+            from vzedge.models.tiny import tuned_projector_dir
+
+            shipped = tuned_projector_dir(cfg)
+            projector = str(shipped) if shipped is not None else None
+    elif projector == "none":
+        projector = None
+    elif projector is not None and cfg is None:
+        raise ValueError("a tuned projector is for VisionZip tokens; drop --no-visionzip, or --projector")
     if cfg is not None:
-        apply_visionzip(vlm, cfg, processor)
+        apply_visionzip(vlm, cfg, processor, projector=projector)
     text = prompt if "<image>" in prompt else f"USER: <image>\n{prompt} ASSISTANT:"
     inputs = processor(images=load_image(image), text=text, return_tensors="pt")
     image_token_id = vlm.config.image_token_id
@@ -88,6 +108,7 @@ def generate(
     return {
         "model": model,
         "visionzip": cfg.to_dict() if cfg is not None else None,
+        "projector": projector,
         "image_tokens": n_image,
         "prompt_tokens": int(inputs["input_ids"].shape[1]),
         "new_tokens": int(new.numel()),

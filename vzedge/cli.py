@@ -72,7 +72,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from vzedge.api import generate
 
     cfg = None if args.no_visionzip else _visionzip_config(args)
-    result = generate(args.model, args.image, args.prompt, cfg, max_new_tokens=args.max_new_tokens)
+    result = generate(
+        args.model, args.image, args.prompt, cfg, max_new_tokens=args.max_new_tokens, projector=args.projector
+    )
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -80,6 +82,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             f"{result['image_tokens']} image tokens, {result['prompt_tokens']} prompt tokens, "
             f"{result['new_tokens']} new tokens in {result['seconds']:.2f} s"
         )
+        if result["projector"]:
+            print(f"projector: tuned, {result['projector']}")
         print(f"answer: {result['answer']}")
     return 0
 
@@ -285,6 +289,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
+        tuned=tuple(args.tuned or ()),
     )
     result = evaluate(cfg)
     if args.json:
@@ -473,6 +478,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="What is in the image?")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--no-visionzip", action="store_true", help="use all image tokens (baseline)")
+    p.add_argument(
+        "--projector",
+        default="auto",
+        metavar="auto|none|TUNED_DIR",
+        help="projector for the VisionZip tokens: a `vzedge tune` folder; auto (default) = the one shipped for "
+        "--model tiny at 54+10, else the model's own; none = the model's own",
+    )
     p.add_argument("--json", action="store_true")
     _add_visionzip_args(p)
     p.set_defaults(func=_cmd_generate)
@@ -488,7 +500,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TUNED_DIR",
         help="include the LLaVA projector (tokens in the LLM width); with a `vzedge tune` folder, its tuned weights",
     )
-    p.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32")
+    p.add_argument(
+        "--dtype",
+        choices=("fp32", "fp16", "int8"),
+        default="fp32",
+        help="fp32 (default); fp16 (GPU, TensorRT); int8: ViT linear weights int8, for ONNX Runtime on CPU",
+    )
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (17 for TensorRT 8.6; default 18)")
     p.add_argument("--max-batch", type=int, default=8, help="largest batch the graph accepts (default 8)")
     p.add_argument("--trt", action="store_true", help="also build a TensorRT engine (needs vzedge[trt] and a GPU)")
@@ -525,6 +542,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="synth test split and random-selection seed")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=10)
+    p.add_argument(
+        "--tuned",
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="`vzedge tune` output folders: each adds a visionzip+tuned row at the token count it was tuned for",
+    )
     p.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="plot accuracy vs tokens (needs matplotlib)")
     p.set_defaults(func=_cmd_eval)

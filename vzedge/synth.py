@@ -225,6 +225,20 @@ def scene_questions(split: str, index: int, seed: int = 0) -> tuple[Scene, dict[
     return scene, questions(scene, random.Random(s ^ 0x5EED))
 
 
+CAPTION_QUESTION = "Describe the image."
+
+
+def caption(scene: Scene) -> str:
+    """Every object, left to right, as "size colour shape", then the word: the training caption.
+
+    Like LLaVA's caption pre-training, a turn that names everything in the image makes the LLM read all
+    image tokens (and their order), not just what one question needs.
+    """
+    objects = ", ".join(f"{s.size} {s.colour} {s.shape}" for s in sorted(scene.shapes, key=lambda s: s.x))
+    word = f"; the word {scene.word}" if scene.word is not None else ""
+    return f"{objects}{word}"
+
+
 # --- dense labels, for the vision encoder's training objectives -------------------------------------------
 
 

@@ -70,6 +70,20 @@ def weights_dir() -> Path:
     return Path(__file__).parent / "weights" / "tiny"
 
 
+# Projectors shipped tuned (`vzedge tune`) for `tiny` at a VisionZip config, keyed by (dominant, contextual).
+# Made with: vzedge make-data --out synth-train --n 1000 --split train; vzedge tune --model tiny --data
+# synth-train/data.json --images synth-train --dominant 54 --contextual 10 --epochs 1 --lr 1e-3 --batch 8
+TUNED_PROJECTORS = {(54, 10): "tiny-projector-54+10"}
+
+
+def tuned_projector_dir(visionzip: Any) -> Path | None:
+    """The shipped tuned projector folder of `tiny` for this VisionZipConfig (default layer and merge), or None."""
+    name = TUNED_PROJECTORS.get((visionzip.dominant, visionzip.contextual))
+    if name is None or (visionzip.layer, visionzip.merge) != (-2, "reference"):
+        return None
+    return Path(__file__).parent / "weights" / name
+
+
 def tiny_config(image_size: int = RANDOM_IMAGE_SIZE, **text_overrides: Any):
     """The LlavaConfig of both variants; `image_size` sets the vision grid (patch 14)."""
     from transformers import LlamaConfig, LlavaConfig

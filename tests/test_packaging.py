@@ -57,6 +57,11 @@ def test_wheel_contains_every_subpackage(tmp_path):
     missing = _expected_packages() - packaged
     assert not missing, f"not in the wheel (add them to [tool.setuptools] packages): {sorted(missing)}"
     assert "vzedge/py.typed" in names
+    # The built-in model and its tuned projector ship as package data (a fresh install runs the main job).
+    for f in ("weights/tiny/model.safetensors", "weights/tiny/training.json", "weights/tiny/tokenizer.json"):
+        assert f"vzedge/models/{f}" in names, f
+    for f in ("projector.safetensors", "tune_config.json"):
+        assert f"vzedge/models/weights/tiny-projector-54+10/{f}" in names, f
     assert not any(n.startswith(("tests/", "scripts/")) for n in names)
 
 

@@ -174,7 +174,9 @@ def llm_batch(step: int, args, tokenizer, n_image: int):
         kinds = list(qa)
         rng.shuffle(kinds)
         turns = [qa[k] for k in kinds[: args.turns]]
-        if rng.random() < args.caption_rate:  # a caption turn at a random place among the questions
+        # A caption turn at a random place among the questions; no draw at rate 0, so the default recipe's
+        # data order is the one the shipped weights were trained on.
+        if args.caption_rate > 0 and rng.random() < args.caption_rate:
             turns.insert(rng.randint(0, len(turns)), (synth.CAPTION_QUESTION, synth.caption(scene)))
         images.append(synth.render(scene, args.image_size))
         seqs.append(conversation(tokenizer, n_image, turns))

@@ -211,7 +211,7 @@ def export_vision(cfg: ExportConfig) -> ExportResult:
             from vzedge.export.quantize import quantize_int8
 
             quantization = quantize_int8(traced, onnx_path, encoder)
-            quantization["before"] = graph_stats(traced)
+            quantization["before"] = slim["after"]  # the graph it was quantized from, as measured above
             quantization["after"] = graph_stats(onnx_path)
             shutil.rmtree(traced.parent)
 

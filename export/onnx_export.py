@@ -114,12 +114,13 @@ def downgrade_opset(model: Any, opset: int) -> Any:
 
     if opset != 17:
         raise ValueError(f"opset {opset}: only 17 (TensorRT 8.6) is written by downgrading; use --opset 17 or 18")
-    constants = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    # Tensor protos by name, converted only where read: the axes are a few int64s, the weights a gigabyte.
+    constants = {init.name: init for init in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type == "Constant":
             for attr in node.attribute:
                 if attr.name == "value":
-                    constants[node.output[0]] = numpy_helper.to_array(attr.t)
+                    constants[node.output[0]] = attr.t
     problems = []
     for node in model.graph.node:
         if node.domain not in ("", "ai.onnx"):
@@ -136,14 +137,15 @@ def downgrade_opset(model: Any, opset: int) -> Any:
             if axes is not None and axes not in constants:
                 problems.append(f"{node.op_type} with computed axes ({node.name})")
                 continue
-            if attrs.get("noop_with_empty_axes", 0) and (axes is None or constants[axes].size == 0):
+            values = numpy_helper.to_array(constants[axes]).ravel() if axes is not None else None
+            if attrs.get("noop_with_empty_axes", 0) and (values is None or values.size == 0):
                 problems.append(f"{node.op_type} with noop_with_empty_axes ({node.name})")
                 continue
             keep = [a for a in node.attribute if a.name != "noop_with_empty_axes"]
             del node.attribute[:]
             node.attribute.extend(keep)
-            if axes is not None:
-                node.attribute.append(onnx.helper.make_attribute("axes", [int(v) for v in constants[axes].ravel()]))
+            if values is not None:
+                node.attribute.append(onnx.helper.make_attribute("axes", [int(v) for v in values]))
                 del node.input[1:]
     if problems:
         raise ValueError(

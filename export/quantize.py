@@ -69,7 +69,7 @@ def quantize_int8(src: Path, dst: Path, encoder: VisionZipEncoder) -> dict[str, 
     model = onnx.load(str(src))
     inits = {i.name: i for i in model.graph.initializer}
     to_int8: list[str] = []
-    int8_modules: list[str] = []
+    int8_modules: set[str] = set()
     fp32_modules: set[str] = set()
     for node in model.graph.node:
         if node.op_type != "MatMul" or len(node.input) < 2 or node.input[1] not in inits:
@@ -81,12 +81,12 @@ def quantize_int8(src: Path, dst: Path, encoder: VisionZipEncoder) -> dict[str, 
             fp32_modules.add(module)
         else:
             to_int8.append(node.name)
-            int8_modules.append(module)
+            int8_modules.add(module)
     expected = len(by_digest) - len(keep)
-    if len(set(int8_modules)) != expected or fp32_modules != keep:
-        missing = sorted(set(by_digest.values()) - set(int8_modules) - fp32_modules)
+    if len(int8_modules) != expected or fp32_modules != keep:
+        missing = sorted(set(by_digest.values()) - int8_modules - fp32_modules)
         raise RuntimeError(
-            f"int8 export: found {len(set(int8_modules))} of {expected} ViT linear weights in the graph "
+            f"int8 export: found {len(int8_modules)} of {expected} ViT linear weights in the graph "
             f"(missing {missing[:4]}...); the exporter changed how it stores weights. Use --dtype fp32"
         )
     del model
@@ -114,7 +114,7 @@ def quantize_int8(src: Path, dst: Path, encoder: VisionZipEncoder) -> dict[str, 
         "weights": "int8, symmetric, one scale per output channel",
         "activations": "uint8, one scale and zero point per tensor, computed at run time",
         "int8_matmuls": len(to_int8),
-        "int8_modules": len(set(int8_modules)),
+        "int8_modules": len(int8_modules),
         "fp32_modules": sorted(fp32_modules),
         "fp32_rest": "patch embedding, LayerNorms, attention products, scoring, selection, merge, projector",
         "seconds": round(seconds, 2),

@@ -104,6 +104,14 @@ def _assert_manifest(out: Path, dtype: str, k: int) -> dict:
     return m
 
 
+def _assert_graph_precision(out: Path, m: dict) -> None:
+    """The precision checks that fit the export's dtype: fp32 islands in fp16 graphs, the int8 layout."""
+    if m["graph"]["dtype"] == "fp16":
+        _assert_fp32_islands(out)
+    elif m["graph"]["dtype"] == "int8":
+        _assert_int8_layout(out, m)
+
+
 def _assert_int8_layout(out: Path, m: dict) -> None:
     """Every ViT linear layer up to the selection layer is int8 except that layer's q/k (the VisionZip score and
     the merge keys), which stay float32 weights of plain MatMuls; VisionZip's own ops are float32."""
@@ -274,10 +282,7 @@ def test_clip_vit_l_export(clip_large_dir, dtype, tmp_path):
     export_vision(ExportConfig(model=clip_large_dir, out=out, dtype=dtype, max_batch=4))
     m = _assert_manifest(out, dtype, 64)
     assert m["source"]["seq_len"] == 577 and m["graph"]["outputs"][0]["shape"] == ["batch", 64, 1024]
-    if dtype == "fp16":
-        _assert_fp32_islands(out)
-    if dtype == "int8":
-        _assert_int8_layout(out, m)
+    _assert_graph_precision(out, m)
     _assert_matches(out, clip_large_dir, dtype)
 
 
@@ -289,10 +294,7 @@ def test_siglip_so400m_export(siglip_large_dir, dtype, tmp_path):
     m = _assert_manifest(out, dtype, 64)
     assert m["source"]["family"] == "siglip" and m["source"]["seq_len"] == 729
     assert m["graph"]["outputs"][0]["shape"] == ["batch", 64, 1152]
-    if dtype == "fp16":
-        _assert_fp32_islands(out)
-    if dtype == "int8":
-        _assert_int8_layout(out, m)
+    _assert_graph_precision(out, m)
     _assert_matches(out, siglip_large_dir, dtype)
 
 

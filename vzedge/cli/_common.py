@@ -1,0 +1,34 @@
+"""Arguments and helpers that several verbs share."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXIT_BAD_INPUT = 2
+
+
+def add_visionzip_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dominant", type=int, default=54, help="tokens kept by attention (CLS included)")
+    p.add_argument("--contextual", type=int, default=10, help="tokens merged from the rest (0: none)")
+    p.add_argument("--layer", type=int, default=-2, help="encoder layer to select at (default -2)")
+    p.add_argument("--merge", choices=("reference", "mean"), default="reference")
+
+
+def visionzip_config(args: argparse.Namespace):
+    from vzedge.visionzip import VisionZipConfig
+
+    return VisionZipConfig(dominant=args.dominant, contextual=args.contextual, layer=args.layer, merge=args.merge)
+
+
+def progress_bar(total: int | None):
+    """A rich progress bar on a terminal (frames processed / dropped); a no-op without rich or a TTY."""
+    import contextlib
+
+    if not sys.stderr.isatty():
+        return contextlib.nullcontext(None)
+    try:
+        from rich.progress import Progress
+    except ImportError:
+        return contextlib.nullcontext(None)
+    return Progress(transient=True)

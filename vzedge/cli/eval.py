@@ -1,0 +1,62 @@
+"""`vzedge eval`: accuracy against the visual-token budget."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from vzedge.eval import EvalConfig, evaluate, markdown_table, parse_tokens, plot
+    from vzedge.io import write_json
+
+    cfg = EvalConfig(
+        model=args.model,
+        data=args.data,
+        images=args.images,
+        tokens=parse_tokens(args.tokens),
+        scale=not args.no_scale,
+        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        n=args.n,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        tuned=tuple(args.tuned or ()),
+    )
+    result = evaluate(cfg)
+    if args.json:
+        write_json(args.json, result)
+    if args.plot:
+        plot(result, args.plot)
+    print(
+        f"{result['model']} on {result['data']}: {result['questions']} questions, {result['grid']}x{result['grid']} "
+        f"grid ({result['stock_image_tokens']} image tokens), {result['seconds']:.0f} s; {result['projector_tuning']}"
+    )
+    print(markdown_table(result))
+    for path in (args.json, args.plot):
+        if path:
+            print(f"wrote {path}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="accuracy vs visual-token budget: VisionZip, random selection and pooling")
+    p.add_argument("--model", default="tiny", help="a LLaVA model: 'tiny', a local folder, or a hub id")
+    p.add_argument("--data", default="synth", help="'synth' (held-out synthetic VQA) or a LLaVA-format JSON file")
+    p.add_argument("--images", default=None, help="folder of the JSON file's images")
+    p.add_argument("--tokens", default="576,192,128,64", help="budgets in LLaVA-1.5 tokens (576 = all), scaled")
+    p.add_argument("--no-scale", action="store_true", help="use --tokens as literal counts on the model's grid")
+    p.add_argument("--methods", default="visionzip,random,pool", help="token reducers to compare")
+    p.add_argument("--n", type=int, default=300, help="questions (synth: balanced kinds; JSON: first N, 0 = all)")
+    p.add_argument("--seed", type=int, default=0, help="synth test split and random-selection seed")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=10)
+    p.add_argument(
+        "--tuned",
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="`vzedge tune` output folders: each adds a visionzip+tuned row at the token count it was tuned for",
+    )
+    p.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
+    p.add_argument("--plot", default=None, metavar="FILE.png", help="plot accuracy vs tokens (needs matplotlib)")
+    p.set_defaults(func=_cmd_eval)

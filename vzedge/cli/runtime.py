@@ -1,0 +1,152 @@
+"""`vzedge run, chat, bench`: the perception loop and VQA through vzedge.runtime."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from vzedge.cli._common import add_visionzip_args, progress_bar, visionzip_config
+
+
+def add_runtime_args(p: argparse.ArgumentParser, source_default: str) -> None:
+    p.add_argument("--model", default="tiny", help="'tiny', a local folder, or a hub id (the LLM)")
+    p.add_argument("--vision", default=None, help="export folder (manifest.json); default: PyTorch VisionZip")
+    p.add_argument(
+        "--vision-backend", default="auto", choices=("auto", "torch", "ort", "ort-cpu", "ort-cuda", "ort-trt", "trt")
+    )
+    p.add_argument("--quant", default="none", help="LLM quantization: none, int8, nf4, fp4, awq")
+    p.add_argument("--projector", default=None, metavar="TUNED_DIR", help="a `vzedge tune` output folder")
+    p.add_argument("--all-tokens", action="store_true", help="no VisionZip: all image tokens (baseline)")
+    p.add_argument("--source", default=source_default, help="image, folder, video, camera:K, synthetic[:N], demo")
+    p.add_argument("--frames", type=int, default=None, help="stop after this many frames")
+    p.add_argument("--clip", type=int, default=1, help="frames per question (video): each compressed on its own")
+    p.add_argument("--layout", choices=("reference", "newline"), default="reference", help="anyres crop arrangement")
+    p.add_argument("--prompt", default="What is in the image?")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--json", dest="json_out", default=None, help="write the full report as JSON to this file")
+    p.add_argument("--plot", default=None, help="write per-stage latency and memory over time to this PNG")
+    add_visionzip_args(p)
+
+
+def run_config(args: argparse.Namespace, **extra):
+    from vzedge.runtime.config import RunConfig
+
+    return RunConfig(
+        model=args.model,
+        vision=args.vision,
+        vision_backend=args.vision_backend,
+        visionzip=None if args.all_tokens else visionzip_config(args),
+        quant=args.quant,
+        projector=args.projector,
+        source=args.source,
+        frames=args.frames,
+        clip=args.clip,
+        layout=args.layout,
+        prompt=args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        device=args.device,
+        **extra,
+    )
+
+
+def write_reports(args: argparse.Namespace, report: dict) -> None:
+    from vzedge.runtime.report import markdown, plot, write_report_json
+
+    print(markdown(report))
+    if args.json_out:
+        write_report_json(args.json_out, report)
+        print(f"wrote {args.json_out}")
+    if args.plot:
+        plot(args.plot, report)
+        print(f"wrote {args.plot}")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from vzedge.runtime.api import run as run_loop
+
+    cfg = run_config(
+        args, policy=args.policy, pipelined=not args.sequential, on_error=args.on_error, queue_size=args.queue_size
+    )
+    with progress_bar(cfg.frames) as progress:
+        on_frame = None
+        if progress is not None:
+            task = progress.add_task("frames", total=cfg.frames)
+
+            def on_frame(rec):
+                progress.update(task, advance=1, description=f"frame {rec.index} {rec.status}")
+
+        report = run_loop(cfg, on_frame=on_frame)
+    write_reports(args, report)
+    last = next((f for f in reversed(report["frames"]) if f["answer"] is not None), None)
+    if last is not None:
+        print(f"last answer (frame {last['index']}): {last['answer']}")
+    if report.get("stopped_by_error"):
+        print(f"vzedge run: stopped: {report['stopped_by_error']}", file=sys.stderr)
+        return 1
+    return 130 if report["interrupted"] else 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from vzedge.runtime.api import chat, load_session
+
+    cfg = run_config(args)
+    questions = list(args.question or [])
+    session = load_session(cfg)
+    if not questions:  # interactive: one question per line until EOF or an empty line
+        print(f"chat about {cfg.source} ({session.vision.num_tokens} image tokens); empty line to quit")
+        for line in sys.stdin:
+            if not line.strip():
+                break
+            turn = chat(cfg, [line.strip()], session)["turns"][0]
+            print(f"> {turn['answer']}   ({turn['ttft_ms']:.0f} ms to first token)")
+        return 0
+    result = chat(cfg, questions, session)
+    for turn in result["turns"]:
+        print(f"Q: {turn['question']}\nA: {turn['answer']}   (TTFT {turn['ttft_ms']:.1f} ms)")
+    print(
+        f"image: {result['image_tokens']} tokens, vision {result['vision_ms']:.1f} ms, "
+        f"prefix prefill {result['image_prefill_ms']:.1f} ms once for {len(result['turns'])} questions"
+    )
+    if args.json_out:
+        from vzedge.io import write_json
+
+        write_json(args.json_out, result)
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from vzedge.runtime.api import bench
+    from vzedge.runtime.report import markdown
+
+    cfg = run_config(args, policy="all")
+    result = bench(cfg)
+    for mode in ("sequential", "pipelined"):
+        print(f"## {mode}")
+        print(markdown(result[mode]))
+    print(json.dumps(result["comparison"], indent=2))
+    if args.json_out:
+        from vzedge.io import write_json
+
+        write_json(args.json_out, result)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="the perception loop: frames -> vision graph -> LLM, with latency/memory reports")
+    add_runtime_args(p, source_default="demo")
+    p.add_argument("--policy", choices=("latest", "all"), default="latest", help="latest drops stale frames")
+    p.add_argument("--queue-size", type=int, default=1)
+    p.add_argument("--sequential", action="store_true", help="one frame at a time (no stage overlap)")
+    p.add_argument("--on-error", choices=("stop", "continue"), default="stop")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("chat", help="several questions about one image; its tokens and KV prefix are computed once")
+    add_runtime_args(p, source_default="demo")
+    p.add_argument("--question", action="append", help="a question (repeatable); none: read them from stdin")
+    p.set_defaults(func=_cmd_chat)
+
+    p = sub.add_parser("bench", help="the loop on synthetic frames, sequential vs pipelined, same reports")
+    add_runtime_args(p, source_default="synthetic")
+    p.set_defaults(func=_cmd_bench)

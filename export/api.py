@@ -170,7 +170,7 @@ def export_vision(cfg: ExportConfig) -> ExportResult:
         )
     tuned = None
     if cfg.projector_weights is not None:
-        from vzedge.tune import load_tuned_projector
+        from vzedge.models.projector import load_tuned_projector
 
         tuned = load_tuned_projector(cfg.projector_weights, loaded.vlm, cfg.visionzip)
     want = {

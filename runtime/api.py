@@ -53,7 +53,7 @@ def load_session(cfg: RunConfig) -> Session:
                 "--projector with --vision: an exported graph holds its own projector; export it with "
                 "vzedge export --projector TUNED_DIR, or drop --vision to run the tuned projector in PyTorch"
             )
-        from vzedge.tune import load_tuned_projector
+        from vzedge.models.projector import load_tuned_projector
 
         load_tuned_projector(cfg.projector, loaded.vlm, cfg.visionzip)
     vision = open_vision_backend(cfg.vision, loaded, cfg.visionzip, cfg.vision_backend, device, cfg.layout)

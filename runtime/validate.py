@@ -321,9 +321,9 @@ def _child(job_path: str, out_path: str) -> None:
 
     import torch
 
+    from vzedge._deps import resolve_device
     from vzedge.budget.layout import measured_module_bytes
     from vzedge.io import write_json
-    from vzedge.quant import resolve_device
 
     logging.basicConfig(level=logging.WARNING)
     with open(job_path, encoding="utf-8") as f:

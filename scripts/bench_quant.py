@@ -20,7 +20,7 @@ import torch
 from vzedge._deps import bitsandbytes_available, has_module
 from vzedge.bench import conditions, measure_side_by_side
 from vzedge.quant import METHODS, QuantConfig, load_quantized
-from vzedge.quant_report import module_bytes, quantized_linears, weight_bytes
+from vzedge.quant.report import module_bytes, quantized_linears, weight_bytes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             methods.remove("awq")
             skipped["awq"] = "skipped" if args.awq == "skip" else "gptqmodel not installed"
         elif args.awq == "auto":
-            from vzedge.quant_awq import CalibConfig, quantize_awq
+            from vzedge.quant import CalibConfig, quantize_awq
 
             awq_src = f"{tmp.name}/awq"
             quantize_awq(args.model, awq_src, calib=CalibConfig(samples=16, seq_len=64), device=args.device)

@@ -22,8 +22,7 @@ import torch
 from vzedge.bench import conditions
 from vzedge.io import write_json
 from vzedge.models.tiny import SPECIAL_TOKENS, build_processor
-from vzedge.tune import TuneConfig, tune
-from vzedge.tune_data import make_data
+from vzedge.tune import TuneConfig, make_data, tune
 from vzedge.visionzip import VisionZipConfig
 
 SIZES = {

@@ -16,7 +16,7 @@ from torch import nn
 from vzedge import cli
 from vzedge._deps import has_module
 from vzedge.quant import QuantConfig, load_quantized
-from vzedge.quant_awq import CalibConfig, calibration_samples, quantize_awq, synthetic_text
+from vzedge.quant.awq import CalibConfig, calibration_samples, quantize_awq, synthetic_text
 
 MODEL = "tiny-random"
 needs_awq = pytest.mark.skipif(
@@ -121,7 +121,7 @@ def test_awq_without_gptqmodel_names_the_extra(monkeypatch):
         return real(name, *a, **k)
 
     monkeypatch.setattr(deps.importlib, "import_module", no_gptqmodel)
-    from vzedge.quant_awq import _import_gptqmodel
+    from vzedge.quant.awq import _import_gptqmodel
 
     with pytest.raises(ImportError, match=r"gptqmodel is needed for AWQ quantization .*pip install 'vzedge\[awq\]'"):
         _import_gptqmodel()

@@ -13,7 +13,7 @@ import shutil
 import pytest
 import torch
 
-import vzedge.eval as ev
+import vzedge.eval.run as ev
 from vzedge.cli import EXIT_BAD_INPUT, run
 from vzedge.eval import EvalConfig, evaluate
 from vzedge.visionzip import VisionZipConfig
@@ -23,8 +23,7 @@ VZ = VisionZipConfig(dominant=24, contextual=4)  # visionzip_split(scaled_budget
 
 @pytest.fixture(scope="module")
 def tuned_dir(tmp_path_factory):
-    from vzedge.tune import TuneConfig, tune
-    from vzedge.tune_data import make_data
+    from vzedge.tune import TuneConfig, make_data, tune
 
     root = tmp_path_factory.mktemp("eval_tuned")
     data = make_data(root / "data", n=8, split="train", seed=0, size=224)

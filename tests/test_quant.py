@@ -24,8 +24,8 @@ from vzedge.quant import (
     estimate_weight_bytes,
     layer_bytes,
     load_quantized,
+    quant_report,
 )
-from vzedge.quant_report import quant_report
 
 MODEL = "tiny-random"
 needs_bnb = pytest.mark.skipif(

@@ -15,7 +15,7 @@ import torch
 
 from vzedge._deps import bitsandbytes_available, onnxruntime_available
 from vzedge.tune import TuneConfig, tune
-from vzedge.tune_data import collate, encode, make_data, read_records
+from vzedge.tune.data import collate, encode, make_data, read_records
 from vzedge.visionzip import VisionZipConfig
 
 VZ = VisionZipConfig(dominant=54, contextual=10)
@@ -216,7 +216,7 @@ def _rec(image="a.png", conv=None, id_="r0"):
 
 def test_multi_turn_labels_cover_every_answer_only():
     from vzedge.models.tiny import build_processor
-    from vzedge.tune_data import IGNORE_INDEX, Record
+    from vzedge.tune.data import IGNORE_INDEX, Record
 
     processor = build_processor()
     turns = (("<image>\nWhat colour?", "red"), ("And the shape?", "circle"))

@@ -11,6 +11,8 @@ import importlib
 import importlib.util
 from types import ModuleType
 
+import torch
+
 _EXTRAS = {
     "onnx": "export",
     "onnxruntime": "export",
@@ -39,8 +41,6 @@ def has_module(module: str) -> bool:
 
 
 def cuda_available() -> bool:
-    import torch
-
     return torch.cuda.is_available()
 
 
@@ -54,3 +54,18 @@ def tensorrt_available() -> bool:
 
 def bitsandbytes_available() -> bool:
     return has_module("bitsandbytes")
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' -> cuda if available else cpu; refuses cuda where there is none."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device {device!r} is not a torch device; use auto, cpu, cuda or cuda:N") from err
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: quantized LLMs run on cpu or cuda here")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device; use --device cpu")
+    return dev

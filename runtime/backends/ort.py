@@ -11,7 +11,7 @@ import torch
 
 from vzedge._deps import require
 from vzedge.ort_providers import ort_tensorrt_providers, providers_for
-from vzedge.runtime.backends.vision import VisionBackend
+from vzedge.runtime.backends.base import VisionBackend
 from vzedge.runtime.preprocess import Preprocess
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from vzedge._deps import require
-from vzedge.runtime.backends.vision import VisionBackend
+from vzedge.runtime.backends.base import VisionBackend
 from vzedge.runtime.preprocess import Preprocess
 
 log = logging.getLogger(__name__)

@@ -10,45 +10,15 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
-from vzedge.runtime.preprocess import Preprocess
+from vzedge.runtime.backends.base import Prepared, VisionBackend
+from vzedge.runtime.backends.ort import OrtVisionBackend
+from vzedge.runtime.backends.trt import TensorRTVisionBackend
 
 log = logging.getLogger(__name__)
-
-
-class Prepared(NamedTuple):
-    """Preprocessed input of one question: pixels [B, 3, H, W] (anyres: [N, crops, 3, H, W] and image_sizes)."""
-
-    pixels: torch.Tensor
-    image_sizes: torch.Tensor | None = None
-
-
-class VisionBackend:
-    """pixels -> tokens. `projected` says whether tokens are already in the LLM's width."""
-
-    name = "vision"
-    max_batch: int = 64  # the most frames one encode() call takes (an export's batch profile may be smaller)
-    num_tokens: int
-    projected: bool
-    preprocess: Preprocess
-    manifest: dict[str, Any] | None = None
-
-    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def prepare(self, images: list[Any]) -> Prepared:
-        """PIL images -> what `encode_prepared` takes (the manifest's preprocessing by default)."""
-        return Prepared(self.preprocess.batch(images))
-
-    def encode_prepared(self, prepared: Prepared) -> torch.Tensor:
-        """All images of one question -> their tokens one after another, [1, T, D]. Each image is encoded on its
-        own (in chunks of `max_batch`)."""
-        px = prepared.pixels
-        tokens = torch.cat([self.encode(px[i : i + self.max_batch]) for i in range(0, len(px), self.max_batch)])
-        return tokens.reshape(1, -1, tokens.shape[-1])
 
 
 class TorchVisionBackend(VisionBackend):
@@ -207,10 +177,6 @@ def open_vision_backend(
     verify_files(export_dir, manifest)
     check_manifest_matches(manifest, loaded)
     if backend == "trt" or (backend == "auto" and manifest.get("tensorrt") and torch.cuda.is_available()):
-        from vzedge.runtime.backends.trt import TensorRTVisionBackend
-
         return TensorRTVisionBackend(Path(export_dir), manifest)
-    from vzedge.runtime.backends.ort import OrtVisionBackend
-
     graph = OrtVisionBackend(Path(export_dir), manifest, backend, projector=None if manifest["projector"] else loaded)
     return AnyresVisionBackend(loaded, cfg, layout, graph) if is_anyres(loaded) else graph

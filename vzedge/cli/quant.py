@@ -8,9 +8,7 @@ import sys
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
-    from vzedge.quant import QuantConfig, QuantKernelError
-    from vzedge.quant_awq import CalibConfig, QuantCheckError, quantize
-    from vzedge.quant_report import summary_rows
+    from vzedge.quant import CalibConfig, QuantCheckError, QuantConfig, QuantKernelError, quantize, summary_rows
 
     qcfg = QuantConfig(
         method=args.method,

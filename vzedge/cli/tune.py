@@ -55,7 +55,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 
 def _cmd_make_data(args: argparse.Namespace) -> int:
-    from vzedge.tune_data import make_data
+    from vzedge.tune import make_data
 
     path = make_data(args.out, n=args.n, split=args.split, seed=args.seed, size=args.size)
     print(f"wrote {path}: use --data {path} --images {args.out}")

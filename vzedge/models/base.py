@@ -59,3 +59,14 @@ def check_vit_layers(layers: nn.ModuleList, family: str) -> None:
             )
         if not hasattr(layer, "layer_norm1"):
             raise ValueError(f"{family} encoder layer {i} has no layer_norm1 (pre-norm ViT expected)")
+
+
+def llava_parts(model: nn.Module) -> nn.Module:
+    """The LlavaModel inside a LlavaForConditionalGeneration (or the LlavaModel itself)."""
+    inner = getattr(model, "model", model)
+    if not (hasattr(inner, "vision_tower") and hasattr(inner, "multi_modal_projector")):
+        raise TypeError(
+            f"{type(model).__name__} is not a LLaVA model: apply_visionzip expects a "
+            "transformers LlavaForConditionalGeneration (use VisionZipEncoder for a bare vision model)"
+        )
+    return inner

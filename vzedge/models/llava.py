@@ -17,6 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from vzedge.encoder import VisionZipEncoder
+from vzedge.models import llava_next, llava_onevision
+from vzedge.models.base import llava_parts
+from vzedge.models.projector import load_projector_state, read_tuned_projector
 from vzedge.visionzip import VisionZipConfig
 
 log = logging.getLogger(__name__)
@@ -25,33 +29,18 @@ _STATE = "_vzedge_visionzip"
 _PROJECTOR_BACKUP = "_vzedge_projector_backup"
 
 
-def _llava_parts(model: nn.Module) -> nn.Module:
-    """The LlavaModel inside a LlavaForConditionalGeneration (or the LlavaModel itself)."""
-    inner = getattr(model, "model", model)
-    if not (hasattr(inner, "vision_tower") and hasattr(inner, "multi_modal_projector")):
-        raise TypeError(
-            f"{type(model).__name__} is not a LLaVA model: apply_visionzip expects a "
-            "transformers LlavaForConditionalGeneration (use VisionZipEncoder for a bare vision model)"
-        )
-    return inner
-
-
-def _anyres_family(inner: nn.Module):
+def anyres_family(inner: nn.Module):
     """The module that handles an anyres LLaVA (NeXT, NeXT-Video, OneVision), or None for LLaVA-1.5."""
     name = type(inner).__name__
     if name in ("LlavaNextModel", "LlavaNextVideoModel"):
-        from vzedge.models import llava_next
-
         return llava_next
     if name == "LlavaOnevisionModel":
-        from vzedge.models import llava_onevision
-
         return llava_onevision
     return None
 
 
 def is_applied(model: nn.Module) -> bool:
-    return _STATE in vars(_llava_parts(model))
+    return _STATE in vars(llava_parts(model))
 
 
 def apply_visionzip(
@@ -74,11 +63,9 @@ def apply_visionzip(
     only) after checking they were tuned on this base model for this `cfg` (ValueError otherwise).
     `remove_visionzip` puts the original weights back.
     """
-    from vzedge.encoder import VisionZipEncoder
-
     cfg = cfg or VisionZipConfig()
-    inner = _llava_parts(model)
-    family = _anyres_family(inner)
+    inner = llava_parts(model)
+    family = anyres_family(inner)
     if family is not None:
         if projector is not None:
             raise ValueError(f"projector= (a tuned projector) supports LLaVA-1.5, not {type(inner).__name__}")
@@ -101,8 +88,6 @@ def apply_visionzip(
     encoder = VisionZipEncoder(inner.vision_tower, cfg)
     tuned = None
     if projector is not None:
-        from vzedge.tune import read_tuned_projector
-
         tuned = read_tuned_projector(projector, model, cfg)  # checks everything before anything changes
     mm_projector = inner.multi_modal_projector
 
@@ -122,8 +107,6 @@ def apply_visionzip(
     if processor is not None:
         _patch_processor(processor, cfg.num_tokens)
     if tuned is not None:
-        from vzedge.tune import load_projector_state
-
         vars(inner)[_PROJECTOR_BACKUP] = {k: v.detach().clone() for k, v in mm_projector.state_dict().items()}
         load_projector_state(mm_projector, tuned.state)
         log.info("tuned projector loaded from %s", tuned.record["path"])
@@ -133,14 +116,12 @@ def apply_visionzip(
 
 def remove_visionzip(model: nn.Module, processor: Any | None = None) -> nn.Module:
     """Undo `apply_visionzip`: the model and processor go back to all image tokens."""
-    inner = _llava_parts(model)
+    inner = llava_parts(model)
     if _STATE not in vars(inner):
         raise ValueError("VisionZip is not applied to this model")
     del vars(inner)[_STATE]
     backup = vars(inner).pop(_PROJECTOR_BACKUP, None)
     if backup is not None:  # apply_visionzip(projector=...) replaced the weights: put the originals back
-        from vzedge.tune import load_projector_state
-
         load_projector_state(inner.multi_modal_projector, backup)
     for name in ("get_image_features", "get_video_features"):
         vars(inner).pop(name, None)
@@ -152,7 +133,7 @@ def remove_visionzip(model: nn.Module, processor: Any | None = None) -> nn.Modul
 
 def visionzip_encoder(model: nn.Module):
     """The VisionZipEncoder that `apply_visionzip` attached, or None."""
-    return vars(_llava_parts(model)).get(_STATE)
+    return vars(llava_parts(model)).get(_STATE)
 
 
 def _stock_count(inner: nn.Module) -> int:

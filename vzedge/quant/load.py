@@ -3,7 +3,7 @@
 One path for every source: the built-in `tiny` is saved to a temp folder and loaded through the same
 `from_pretrained` call as a local folder or hub id, so what the tests exercise is what users run.
 bitsandbytes quantizes at load time (transformers' `BitsAndBytesConfig`); AWQ loads checkpoints made by
-`quantize_awq` (vzedge.quant_awq, gptqmodel) or by others. Before a bitsandbytes model is built, a
+`quantize_awq` (vzedge.quant.awq, gptqmodel) or by others. Before a bitsandbytes model is built, a
 one-kernel smoke test runs on the target device; if it fails (bitsandbytes #1930: aarch64 wheels on
 Jetson sm_87 fail at the first kernel), the loader warns with the reason and falls back to the next
 method in `QuantConfig.fallback_chain()` instead of crashing mid-loop.
@@ -18,107 +18,23 @@ import os
 import sys
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from vzedge._deps import require
+from vzedge._deps import require, resolve_device
 from vzedge.models.loading import BUILTIN_MODELS, LoadedModel, from_vlm, load_config, load_model
+from vzedge.quant.config import (
+    BNB_4BIT_BLOCKSIZE,
+    METHODS,
+    VISION_MODULES,
+    QuantConfig,
+    QuantInfo,
+    QuantKernelError,
+)
+from vzedge.quant.sizes import out_of_memory
 
 log = logging.getLogger(__name__)
-
-METHODS = ("none", "bnb-int8", "bnb-nf4", "bnb-fp4", "awq")
-ALIASES = {"int8": "bnb-int8", "nf4": "bnb-nf4", "fp4": "bnb-fp4"}  # the runtime's --quant names
-COMPUTE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# Module-name patterns transformers' quantizers match from the start of the full name (and as suffixes):
-# the LLaVA vision tower and projector must stay in float.
-VISION_MODULES = ("model.vision_tower", "model.multi_modal_projector", "vision_tower", "multi_modal_projector")
-AWQ_GROUP_SIZES = (32, 64, 128)
-BNB_4BIT_BLOCKSIZE = 64
-
-
-@dataclass(frozen=True)
-class QuantConfig:
-    """How to quantize the LLM. `awq_fallback`: an AWQ checkpoint of the same model to try if bitsandbytes
-    fails its smoke test; `fallback=False` raises instead of falling back."""
-
-    method: str = "none"
-    compute_dtype: str = "auto"
-    double_quant: bool = False
-    group_size: int = 128
-    bits: int = 4
-    skip_modules: tuple[str, ...] = ("lm_head",)
-    fallback: bool = True
-    awq_fallback: str | None = None
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "method", ALIASES.get(self.method, self.method))
-        if self.method not in METHODS:
-            raise ValueError(f"unknown quantization method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.compute_dtype not in ("auto", *COMPUTE_DTYPES):
-            raise ValueError(
-                f"compute_dtype {self.compute_dtype!r} is not one of auto, {', '.join(COMPUTE_DTYPES)} "
-                "(auto: fp32 on CPU, fp16 on CUDA)"
-            )
-        if self.double_quant and self.method not in ("bnb-nf4", "bnb-fp4"):
-            raise ValueError(f"double_quant applies to bnb-nf4/bnb-fp4 only, not {self.method!r}; drop it")
-        if self.bits != 4:
-            raise ValueError(f"bits={self.bits}: AWQ checkpoints here are 4-bit GEMM; use bits=4 (or bnb-int8)")
-        if self.group_size not in AWQ_GROUP_SIZES:
-            raise ValueError(f"group_size={self.group_size}: use one of {AWQ_GROUP_SIZES}")
-        if isinstance(self.skip_modules, str):
-            raise TypeError(f"skip_modules must be a tuple of module names, not the string {self.skip_modules!r}")
-        object.__setattr__(self, "skip_modules", tuple(self.skip_modules))
-        if self.awq_fallback is not None and not self.is_bnb:
-            raise ValueError("awq_fallback is the checkpoint tried when bitsandbytes fails; set it with a bnb-* method")
-
-    @property
-    def is_bnb(self) -> bool:
-        return self.method.startswith("bnb-")
-
-    def torch_dtype(self, device: torch.device | str) -> torch.dtype:
-        """The float dtype of activations and of the unquantized parts (vision tower, projector, embeddings)."""
-        if self.compute_dtype != "auto":
-            return COMPUTE_DTYPES[self.compute_dtype]
-        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
-
-    def fallback_chain(self) -> tuple[str, ...]:
-        """Methods to try in order: the requested one, then (for bitsandbytes) AWQ if a checkpoint is set, then none."""
-        if not self.is_bnb or not self.fallback:
-            return (self.method,)
-        return (self.method, *(("awq",) if self.awq_fallback else ()), "none")
-
-
-@dataclass
-class QuantInfo:
-    """What `load_quantized` actually did; attached to the returned model as `vlm.vzedge_quant`."""
-
-    requested: str
-    method: str
-    device: str
-    compute_dtype: str
-    source: str
-    fallback_reasons: list[str] = field(default_factory=list)
-
-
-class QuantKernelError(RuntimeError):
-    """A quantized kernel failed its smoke test on the target device."""
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' -> cuda if available else cpu; refuses cuda where there is none."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as err:
-        raise ValueError(f"device {device!r} is not a torch device; use auto, cpu, cuda or cuda:N") from err
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {device!r}: quantized LLMs run on cpu or cuda here")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device; use --device cpu")
-    return dev
 
 
 def checkpoint_quant_method(config: Any) -> str | None:
@@ -344,114 +260,3 @@ def awq_smoke_test(model: torch.nn.Module) -> None:
         raise QuantKernelError(f"{type(err).__name__}: {err}") from err
     if not torch.isfinite(y).all():
         raise QuantKernelError("the AWQ kernel returned non-finite values")
-
-
-def layer_bytes(
-    out_features: int,
-    in_features: int,
-    method: str,
-    double_quant: bool = False,
-    group_size: int = 128,
-    float_bytes: int = 2,
-) -> int:
-    """Exact bytes one linear weight (no bias) takes in `method`'s stored layout.
-
-    bnb-int8: int8 [N,K] + fp32 row absmax [N]. bnb 4-bit: uint8 [N*K/2] + fp32 absmax per 64 weights +
-    fp32 code [16]; with double_quant the absmax is uint8 plus fp32 absmax per 256 blocks, an fp32 code
-    [256] and an fp32 offset. (bitsandbytes' avx512_bf16 CPU path repacks at the first forward: absmax
-    becomes bf16 and double quant is undone.) awq: int32 qweight [K, N/8] + int32 qzeros [K/g, N/8] +
-    fp16 scales [K/g, N]. none: N*K*float_bytes.
-    """
-    n, k = out_features, in_features
-    if method == "none":
-        return n * k * float_bytes
-    if method == "bnb-int8":
-        return n * k + 4 * n
-    if method in ("bnb-nf4", "bnb-fp4"):
-        blocks = math.ceil(n * k / BNB_4BIT_BLOCKSIZE)
-        if not double_quant:
-            return math.ceil(n * k / 2) + 4 * blocks + 64
-        return math.ceil(n * k / 2) + blocks + 4 * math.ceil(blocks / 256) + 1024 + 64 + 4
-    if method == "awq":
-        groups = k // group_size
-        return k * n // 2 + groups * n // 2 + 2 * groups * n
-    raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-
-
-def estimate_weight_bytes(model: str, qcfg: QuantConfig, device: str = "auto") -> dict[str, int]:
-    """Weight bytes of `model` under `qcfg`, from its config alone (a meta-device model, no weights read):
-    the LLM's decoder linears in the quantized layout, everything else in the compute dtype."""
-    dev = resolve_device(device)
-    config = load_config(model)
-    from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration
-
-    with torch.device("meta"):
-        if getattr(config, "model_type", "") == "llava":
-            meta = LlavaForConditionalGeneration(config)
-        else:
-            meta = AutoModelForCausalLM.from_config(config)
-    float_bytes = torch.finfo(qcfg.torch_dtype(dev)).bits // 8
-    quantized = other = 0
-    counted: set[str] = set()
-    if qcfg.method != "none":
-        for name, mod in meta.named_modules():
-            if isinstance(mod, torch.nn.Linear) and _is_quantized_name(name, qcfg):
-                quantized += layer_bytes(
-                    mod.out_features, mod.in_features, qcfg.method, qcfg.double_quant, qcfg.group_size, float_bytes
-                )
-                counted.add(f"{name}.weight")
-    for name, p in meta.named_parameters():
-        if name not in counted:
-            other += p.numel() * float_bytes
-    return {"quantized_linear": quantized, "float": other, "total": quantized + other}
-
-
-def _is_quantized_name(name: str, qcfg: QuantConfig) -> bool:
-    skip = (*VISION_MODULES, *qcfg.skip_modules)
-    return not any(name.startswith(s) or name.endswith(s) or f".{s}." in f".{name}." for s in skip)
-
-
-def out_of_memory(model: str, config: Any, qcfg: QuantConfig, method: str, dev: torch.device) -> MemoryError:
-    """A MemoryError that says how much the weights need and how much the device had."""
-    try:
-        need = estimate_weight_bytes(
-            model,
-            QuantConfig(
-                method=method,
-                compute_dtype=qcfg.compute_dtype,
-                double_quant=qcfg.double_quant and method != "bnb-int8",
-                group_size=qcfg.group_size,
-            ),
-            str(dev),
-        )["total"]
-        need_s = f"~{need / 2**30:.2f} GiB of weights"
-    except (ValueError, RuntimeError) as err:
-        need_s = f"unknown weight size ({err})"
-    if dev.type == "cuda":
-        free, total = torch.cuda.mem_get_info(dev)
-    else:
-        free, total = _host_memory()
-    hint = (
-        "try --method bnb-nf4 (about 0.14x of fp32 per linear weight)" if method != "bnb-nf4" else "use a smaller model"
-    )
-    return MemoryError(
-        f"out of memory loading {model!r} with {method} on {dev}: it needs {need_s}; the device had "
-        f"{free / 2**30:.2f} GiB free of {total / 2**30:.2f} GiB. {hint}"
-    )
-
-
-def _host_memory() -> tuple[int, int]:
-    info: dict[str, int] = {}
-    with contextlib.suppress(OSError), open("/proc/meminfo", encoding="ascii") as f:
-        for line in f:
-            key, value = line.split(":", 1)
-            info[key] = int(value.split()[0]) * 1024
-    return info.get("MemAvailable", 0), info.get("MemTotal", 0)
-
-
-def quant_report(model: str, qcfg: QuantConfig, device: str = "cpu", **kw: Any) -> dict[str, Any]:
-    """What quantization cost: bytes by dtype, footprints and quality against the unquantized LLM.
-    See `vzedge.quant_report.quant_report`."""
-    from vzedge.quant_report import quant_report as _report
-
-    return _report(model, qcfg, device=device, **kw)

@@ -24,6 +24,10 @@ from typing import Any
 
 import torch
 
+from vzedge import synth
+from vzedge.images import load_image
+from vzedge.io import sha256_file
+
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
@@ -62,7 +66,6 @@ class Example:
 
 def data_sha256(path: str | os.PathLike[str]) -> str:
     """sha256 of the JSON file (the images are identified by the paths it names)."""
-    from vzedge.io import sha256_file
 
     return sha256_file(path)
 
@@ -234,7 +237,6 @@ def encode(record: Record, processor: Any, num_image_tokens: int, max_length: in
 
 def collate(examples: list[Example], processor: Any) -> dict[str, torch.Tensor]:
     """Right-padded input_ids/attention_mask/labels and the images' pixel_values."""
-    from vzedge.images import load_image
 
     pad = processor.tokenizer.pad_token_id
     pad = 0 if pad is None else pad
@@ -266,7 +268,6 @@ def make_data(out: str | os.PathLike[str], n: int = 1000, split: str = "train", 
 
     Returns the JSON path; `vzedge tune --data OUT/data.json --images OUT` reads it.
     """
-    from vzedge import synth
 
     if Path(out).exists():
         raise FileExistsError(f"--out {out} exists; make-data writes a new folder, choose another path")

@@ -23,10 +23,12 @@ from typing import Any
 
 import torch
 
-from vzedge._deps import require
+from vzedge._deps import require, resolve_device
 from vzedge.io import atomic_dir, write_json
 from vzedge.models.loading import load_config, load_model
-from vzedge.quant import AWQ_GROUP_SIZES, QuantConfig, checkpoint_quant_method, resolve_device, stdout_to_stderr
+from vzedge.quant.config import AWQ_GROUP_SIZES, QuantConfig
+from vzedge.quant.load import checkpoint_quant_method, stdout_to_stderr
+from vzedge.quant.report import quant_report
 
 log = logging.getLogger(__name__)
 
@@ -267,8 +269,6 @@ def quantize_awq(
 
 def _verify(folder: str, source: str, dev: torch.device) -> dict[str, Any]:
     """Reload the written checkpoint and compare it with the float model; refuse one that is broken."""
-    from vzedge.quant_report import quant_report
-
     report = quant_report(folder, QuantConfig(method="awq"), device=str(dev), reference=source)
     q = report["quality"]
     if not (q["max_abs_logit_err"] < float("inf") and q["sqnr_db_min"] > 0):
@@ -288,8 +288,6 @@ def quantize(
     force: bool = False,
 ) -> dict[str, Any]:
     """`vzedge quantize`: write an AWQ checkpoint (awq with --out), or report what a method costs on `model`."""
-    from vzedge.quant_report import quant_report
-
     if qcfg.method == "awq" and out is not None:
         return quantize_awq(model, out, qcfg, calib, device, force)
     if qcfg.method == "awq" and checkpoint_quant_method(load_config(model)) != "awq":

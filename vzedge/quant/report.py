@@ -20,7 +20,9 @@ import torch
 from torch import nn
 
 from vzedge.models.loading import LoadedModel, load_model
-from vzedge.quant import QuantConfig, layer_bytes, load_quantized
+from vzedge.quant.config import QuantConfig
+from vzedge.quant.load import load_quantized
+from vzedge.quant.sizes import layer_bytes
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,39 @@
+"""Accuracy against the visual-token budget (`vzedge eval`): VisionZip and the baselines a reader needs.
+
+config.py  EvalConfig, method names, `parse_tokens`
+data.py    the questions (built-in synthetic split or a LLaVA-format file), normalisation, scoring
+reduce.py  the token reducers: VisionZip through the library, random selection, pooling
+run.py     `evaluate(cfg)`: every method at every budget on the same questions
+report.py  the Markdown table and the accuracy-vs-tokens plot
+"""
+
+from __future__ import annotations
+
+from vzedge.eval.config import METHODS, TUNED_METHOD, EvalConfig, TunedRow, parse_tokens
+from vzedge.eval.data import Item, llava_items, normalize, score, synth_items
+from vzedge.eval.reduce import pool_tokens, random_select, reduced_tokens, scaled_budget, visionzip_split
+from vzedge.eval.report import markdown_table, plot
+from vzedge.eval.run import answer, evaluate, evaluate_full_tokens
+
+__all__ = [
+    "METHODS",
+    "TUNED_METHOD",
+    "EvalConfig",
+    "Item",
+    "TunedRow",
+    "answer",
+    "evaluate",
+    "evaluate_full_tokens",
+    "llava_items",
+    "markdown_table",
+    "normalize",
+    "parse_tokens",
+    "plot",
+    "pool_tokens",
+    "random_select",
+    "reduced_tokens",
+    "scaled_budget",
+    "score",
+    "synth_items",
+    "visionzip_split",
+]

@@ -40,6 +40,14 @@ def has_module(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+PLOT_HINT = "pip install 'vzedge[plot]'"
+
+
+def plotting_available() -> bool:
+    """matplotlib is installed (the `plot` extra): plots are drawn; without it they are skipped or refused."""
+    return has_module("matplotlib")
+
+
 def cuda_available() -> bool:
     return torch.cuda.is_available()
 

@@ -6,9 +6,12 @@ import argparse
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from vzedge._deps import require
     from vzedge.eval import EvalConfig, evaluate, markdown_table, parse_tokens, plot
     from vzedge.io import write_json
 
+    if args.plot:  # before the run, not after it
+        require("matplotlib", "--plot")
     cfg = EvalConfig(
         model=args.model,
         data=args.data,

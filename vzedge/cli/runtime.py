@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from vzedge._deps import require
 from vzedge.cli._common import add_visionzip_args, progress_bar, visionzip_config
 
 
@@ -32,6 +33,9 @@ def add_runtime_args(p: argparse.ArgumentParser, source_default: str) -> None:
 
 def run_config(args: argparse.Namespace, **extra):
     from vzedge.runtime.config import RunConfig
+
+    if getattr(args, "plot", None):  # refuse before the run, not after it
+        require("matplotlib", "--plot")
 
     return RunConfig(
         model=args.model,

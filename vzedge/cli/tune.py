@@ -8,7 +8,9 @@ from vzedge.cli._common import add_visionzip_args, progress_bar, visionzip_confi
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
+    from vzedge._deps import PLOT_HINT
     from vzedge.tune import TuneConfig, tune
+    from vzedge.tune.config import PLOT_FILE
 
     cfg = TuneConfig(
         model=args.model,
@@ -47,10 +49,13 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         result = tune(cfg, on_step=on_step)
     t = result.config["training"]
     before = "" if t["loss_before"] is None else f"; held-in loss {t['loss_before']:.4f} -> {t['loss_after']:.4f}"
+    plotted = (result.out / PLOT_FILE).is_file()
     print(
-        f"wrote {result.out}: projector.safetensors, tune_config.json, loss.png ({t['steps']} steps, "
-        f"final loss {t['final_loss']:.4f}{before}, {t['seconds']:.0f} s)"
+        f"wrote {result.out}: projector.safetensors, tune_config.json{', loss.png' if plotted else ''} "
+        f"({t['steps']} steps, final loss {t['final_loss']:.4f}{before}, {t['seconds']:.0f} s)"
     )
+    if not plotted:
+        print(f"{PLOT_FILE} skipped: matplotlib is not installed ({PLOT_HINT})")
     return 0
 
 

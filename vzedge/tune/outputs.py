@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vzedge._deps import require
+from vzedge._deps import PLOT_HINT, plotting_available, require
 from vzedge.io import atomic_path, sha256_file, write_json
 from vzedge.models.projector import CONFIG_FILE, FORMAT, PROJECTOR_FILE
 from vzedge.tune.config import CHECKPOINT_DIR, CHECKPOINT_FILE, PLOT_FILE, RUN_FILE, RUN_FILES, TuneConfig
@@ -148,5 +148,8 @@ def write_outputs(
     }
     write_json(cfg.out / CONFIG_FILE, config)  # last: a loader checks the weights against this sha256
     title = f"{run['base']['source']} projector, {cfg.visionzip.num_tokens} VisionZip tokens"
-    plot_losses(cfg.out / PLOT_FILE, losses, title)
+    if plotting_available():
+        plot_losses(cfg.out / PLOT_FILE, losses, title)
+    else:
+        log.warning("%s not drawn: matplotlib is not installed (%s)", PLOT_FILE, PLOT_HINT)
     return config

@@ -13,6 +13,7 @@ Runs in CI (.ci/run). Needs import-linter (the dev extra).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -42,15 +43,17 @@ def _not_python(folder: str, names: list[str]) -> list[str]:
 
 def cycles(path: Path) -> list[list[str]]:
     """The import cycles among vzedge's modules (function-level imports included): each a list of modules."""
-    sys.path.insert(0, str(path))
-    try:
-        import grimp
-
-        graph = grimp.build_graph("vzedge", cache_dir=None)
-    finally:
-        sys.path.remove(str(path))
-    modules = sorted(graph.modules)
-    edges = {m: sorted(graph.find_modules_directly_imported_by(m)) for m in modules}
+    # grimp reads the staged tree in a fresh process: in this one, `vzedge` may already be imported from
+    # the checkout, and grimp would find that instead.
+    code = (
+        "import grimp, json\n"
+        "g = grimp.build_graph('vzedge', cache_dir=None)\n"
+        "print(json.dumps({m: sorted(g.find_modules_directly_imported_by(m)) for m in g.modules}))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(path))
+    out = subprocess.run([sys.executable, "-c", code], cwd=path, env=env, capture_output=True, text=True, check=True)
+    edges: dict[str, list[str]] = json.loads(out.stdout)
+    modules = sorted(edges)
     # Tarjan's strongly connected components, iterative.
     index: dict[str, int] = {}
     low: dict[str, int] = {}

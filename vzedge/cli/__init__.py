@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -72,6 +73,9 @@ def _quiet_third_party(verbose: bool) -> None:
         return
     for name in _QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    # transformers 5.2x renames LlamaModel.forward's `past_key_values` to `cache`; the runtime keeps the name
+    # that every supported transformers (>= 5.0) accepts, so the notice is about a future release, not this run.
+    warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", category=FutureWarning)
     # transformers' "Loading weights" bar (huggingface_hub reads this before transformers is imported).
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 

@@ -78,20 +78,12 @@ def check_output_dir(out: Path, want: dict[str, Any], force: bool) -> None:
     if out.is_dir() and any(out.iterdir()):
         # --force replaces only what vzedge made: a folder holding a vzedge manifest (exports reach --out whole,
         # through a temp folder, so a folder without one is someone else's and is never deleted).
-        try:
-            have = identity(read_manifest(out))
-        except ValueError as err:
+        diff = identity_diff(identity(_vzedge_manifest(out)), want)
+        if diff and not force:
             raise FileExistsError(
-                f"{out} holds files but no valid vzedge manifest, so it is not a vzedge export and --force will "
-                f"not delete it ({err}). Choose another --out, or empty that folder yourself"
-            ) from err
-        else:
-            diff = identity_diff(have, want)
-            if diff and not force:
-                raise FileExistsError(
-                    f"{out} holds the export of a different model or config ({'; '.join(diff)}); "
-                    "pass --force to replace it, or choose another --out"
-                )
+                f"{out} holds the export of a different model or config ({'; '.join(diff)}); "
+                "pass --force to replace it, or choose another --out"
+            )
     parent = out.parent if str(out.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -99,6 +91,17 @@ def check_output_dir(out: Path, want: dict[str, Any], force: bool) -> None:
     except OSError as err:
         raise ValueError(f"cannot write beside {out} ({err}); choose a writable --out") from err
     os.rmdir(probe)
+
+
+def _vzedge_manifest(out: Path) -> dict[str, Any]:
+    """The manifest of the vzedge export in `out`; FileExistsError if `out` holds files but is not one."""
+    try:
+        return read_manifest(out)
+    except ValueError as err:
+        raise FileExistsError(
+            f"{out} holds files but no valid vzedge manifest, so it is not a vzedge export and --force will "
+            f"not delete it ({err}). Choose another --out, or empty that folder yourself"
+        ) from None
 
 
 def _preprocess_spec(image_processor: Any, tower: Any) -> dict[str, Any]:
@@ -162,6 +165,8 @@ def export_vision(cfg: ExportConfig) -> ExportResult:
         raise TypeError(f"cfg must be an ExportConfig, got {type(cfg).__name__}")
     if cfg.out.exists() and not cfg.out.is_dir():
         raise ValueError(f"--out {cfg.out} is a file; pass a folder path")
+    if cfg.out.is_dir() and any(cfg.out.iterdir()):
+        _vzedge_manifest(cfg.out)  # someone else's folder is refused before the model loads
     with output_lock(cfg.out):
         return _export_locked(cfg)
 

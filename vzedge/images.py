@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -102,19 +103,30 @@ def open_image_file(path: str | os.PathLike[str], limits: ImageLimits | None = N
     if os.path.isdir(path):
         raise ValueError(f"image {str(path)!r} is a folder; pass an image file")
     try:
-        with warnings.catch_warnings():
-            # Our own pixel limit is checked below, before decoding; PIL's bomb check only backs it up.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                limits.check(im.width, im.height, f"image {str(path)!r}")
-                im.load()
-                return to_rgb8(im, f"image {str(path)!r}")
-    except Image.DecompressionBombError as err:
-        raise ValueError(
-            f"image {str(path)!r} declares more pixels than Pillow will decode ({err}); downscale it"
-        ) from None
+        with _open_header_only(path) as im:
+            limits.check(im.width, im.height, f"image {str(path)!r}")
+            im.load()
+            return to_rgb8(im, f"image {str(path)!r}")
     except (OSError, SyntaxError, EOFError) as err:  # PIL raises SyntaxError for some malformed headers
         raise ValueError(f"cannot read image {str(path)!r}: {err}") from None
+
+
+_PIL_GUARD = threading.Lock()
+
+
+def _open_header_only(path: str | os.PathLike[str]) -> Image.Image:
+    """Image.open (which reads only the header) with Pillow's own bomb check off: ours, with its flag, runs next.
+
+    Pillow's limit is a module global, so it is lifted under a lock and only for the header read.
+    """
+    with _PIL_GUARD, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            return Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
 
 
 _16BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")

@@ -76,8 +76,13 @@ def _quiet_third_party(verbose: bool) -> None:
     # transformers 5.2x renames LlamaModel.forward's `past_key_values` to `cache`; the runtime keeps the name
     # that every supported transformers (>= 5.0) accepts, so the notice is about a future release, not this run.
     warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", category=FutureWarning)
-    # transformers' "Loading weights" bar (huggingface_hub reads this before transformers is imported).
+    # transformers' "Loading weights" bar: huggingface_hub reads the variable when transformers is imported;
+    # where it already is (the CLI called in-process), switch the bar off directly.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def raised_on_purpose(err: BaseException) -> bool:

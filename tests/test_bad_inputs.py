@@ -291,6 +291,41 @@ def test_class4_signal_during_make_data_cleans_up(sig, code, name, tmp_path):
     assert _tree(tmp_path) == set(), "no .partial folder, no lock file"
 
 
+def test_class4_sigterm_during_run_keeps_the_report(tmp_path):
+    """The loop stops, accounts for every frame it read, writes its report and exits 143."""
+    report = tmp_path / "report.json"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "vzedge",
+            "run",
+            "--source",
+            "synthetic:100000",
+            "--max-new-tokens",
+            "1",
+            "--policy",
+            "all",
+            "--json",
+            str(report),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(20)  # model loaded, frames flowing
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_SIGTERM, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("vzedge run: interrupted; the report covers the ")
+    data = json.loads(report.read_text())
+    f = data["summary"]["frames"]
+    assert data["interrupted"] is True and f["pending"] == 0
+    assert f["seen"] == f["processed"] + f["dropped"] + f["failed"] > 0
+
+
 # --- class 5: tracebacks where a message belongs -------------------------------------------------------------
 def _corrupt_weights(tmp: Path) -> str:
     from vzedge.models.tiny import weights_dir

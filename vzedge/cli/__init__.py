@@ -41,7 +41,7 @@ _QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
 
 # Folders whose `raise` statements are deliberate bad-input errors (the core, the exporter, the runtime).
 _OWN_DIRS = tuple(
-    str(Path(p).resolve())
+    str(Path(p).resolve()) + os.sep
     for p in (
         Path(__file__).resolve().parents[1],
         Path(__file__).resolve().parents[2] / "export",

@@ -108,7 +108,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if report.get("stopped_by_error"):
         print(f"vzedge run: stopped: {report['stopped_by_error']}", file=sys.stderr)
         return 1
-    return 130 if report["interrupted"] else 0
+    if report["interrupted"]:
+        f = report["summary"]["frames"]
+        print(
+            f"vzedge run: interrupted; the report covers the {f['seen']} frames read "
+            f"({f['processed']} processed, {f['dropped']} dropped, {f['failed']} failed)",
+            file=sys.stderr,
+        )
+        return 130  # vzedge.cli.run makes it 143 when the interrupt was SIGTERM
+    return 0
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:

@@ -35,7 +35,7 @@ from vzedge.export.onnx_export import (
 )
 from vzedge.export.opcheck import check_tensorrt_ops, visionzip_precision
 from vzedge.export.parity import run_gate
-from vzedge.io import atomic_dir, sha256_file
+from vzedge.io import atomic_dir, output_lock, sha256_file
 from vzedge.manifest import read_manifest
 
 log = logging.getLogger(__name__)
@@ -76,21 +76,14 @@ def check_output_dir(out: Path, want: dict[str, Any], force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; pass a folder path")
     if out.is_dir() and any(out.iterdir()):
-        try:
-            have = identity(read_manifest(out))
-        except ValueError as err:
-            if not force:
-                raise FileExistsError(
-                    f"{out} holds files but no valid vzedge manifest (a half-written export or another tool's "
-                    f"folder): {err}. Pass --force to replace it, or choose another --out"
-                ) from err
-        else:
-            diff = identity_diff(have, want)
-            if diff and not force:
-                raise FileExistsError(
-                    f"{out} holds the export of a different model or config ({'; '.join(diff)}); "
-                    "pass --force to replace it, or choose another --out"
-                )
+        # --force replaces only what vzedge made: a folder holding a vzedge manifest (exports reach --out whole,
+        # through a temp folder, so a folder without one is someone else's and is never deleted).
+        diff = identity_diff(identity(_vzedge_manifest(out)), want)
+        if diff and not force:
+            raise FileExistsError(
+                f"{out} holds the export of a different model or config ({'; '.join(diff)}); "
+                "pass --force to replace it, or choose another --out"
+            )
     parent = out.parent if str(out.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -98,6 +91,17 @@ def check_output_dir(out: Path, want: dict[str, Any], force: bool) -> None:
     except OSError as err:
         raise ValueError(f"cannot write beside {out} ({err}); choose a writable --out") from err
     os.rmdir(probe)
+
+
+def _vzedge_manifest(out: Path) -> dict[str, Any]:
+    """The manifest of the vzedge export in `out`; FileExistsError if `out` holds files but is not one."""
+    try:
+        return read_manifest(out)
+    except ValueError as err:
+        raise FileExistsError(
+            f"{out} holds files but no valid vzedge manifest, so it is not a vzedge export and --force will "
+            f"not delete it ({err}). Choose another --out, or empty that folder yourself"
+        ) from None
 
 
 def _preprocess_spec(image_processor: Any, tower: Any) -> dict[str, Any]:
@@ -152,11 +156,24 @@ def _parity_inputs(cfg: ExportConfig, loaded: Any, tower: Any) -> dict[str, torc
 
 
 def export_vision(cfg: ExportConfig) -> ExportResult:
-    """Export `cfg.model`'s vision encoder with VisionZip as one ONNX graph into `cfg.out` (see ExportConfig)."""
-    from vzedge.models.loading import load_model
+    """Export `cfg.model`'s vision encoder with VisionZip as one ONNX graph into `cfg.out` (see ExportConfig).
 
+    `cfg.out` is locked for the whole export: a second export to it fails at once instead of removing this
+    one's temporary folder.
+    """
     if not isinstance(cfg, ExportConfig):
         raise TypeError(f"cfg must be an ExportConfig, got {type(cfg).__name__}")
+    if cfg.out.exists() and not cfg.out.is_dir():
+        raise ValueError(f"--out {cfg.out} is a file; pass a folder path")
+    if cfg.out.is_dir() and any(cfg.out.iterdir()):
+        _vzedge_manifest(cfg.out)  # someone else's folder is refused before the model loads
+    with output_lock(cfg.out):
+        return _export_locked(cfg)
+
+
+def _export_locked(cfg: ExportConfig) -> ExportResult:
+    from vzedge.models.loading import load_model
+
     for module in ("onnx", "onnxruntime", "onnxscript", *(("onnxslim",) if cfg.slim else ())):
         require(module, "vzedge export")
     if cfg.trt:

@@ -58,11 +58,22 @@ def load_session(cfg: RunConfig) -> Session:
         load_tuned_projector(cfg.projector, loaded.vlm, cfg.visionzip)
     vision = open_vision_backend(cfg.vision, loaded, cfg.visionzip, cfg.vision_backend, device, cfg.layout)
     llm = LLMBackend(loaded.vlm, loaded.processor.tokenizer, cfg.template)
+    check_prompt_fits(llm, vision, cfg.prompt, cfg.max_new_tokens, cfg.clip)
     log.info("loaded %s: vision %s (%d tokens), LLM %s", cfg.model, vision.name, vision.num_tokens, cfg.quant)
     return Session(cfg, loaded, vision, llm, device, time.perf_counter() - t0)
 
 
+def check_prompt_fits(
+    llm: LLMBackend, vision: VisionBackend, question: str, max_new_tokens: int, clip: int = 1
+) -> None:
+    """Refuse, before the loop starts, a question whose prompt cannot fit the LLM's context with the image."""
+    from vzedge.api import check_context
+
+    check_context(llm.vlm, llm.prompt_length(question) + vision.num_tokens * clip, max_new_tokens)
+
+
 def _report(session: Session, pipe: Pipeline, sampler: MemorySampler, title: str) -> dict[str, Any]:
+    from vzedge.api import quant_label as _quant_label
     from vzedge.bench import conditions
 
     cfg = session.cfg
@@ -73,7 +84,7 @@ def _report(session: Session, pipe: Pipeline, sampler: MemorySampler, title: str
         "device": session.device,
         "vision_backend": session.vision.name,
         "image_tokens": session.vision.num_tokens,
-        "quant": cfg.quant,
+        "quant": _quant_label(session.loaded.vlm, cfg.quant),
         "load_s": round(session.load_s, 3),
         "interrupted": pipe.interrupted,
         "conditions": conditions(),
@@ -91,7 +102,7 @@ def run(
 ) -> dict[str, Any]:
     """Run the perception loop over `cfg.source`; returns the report (see vzedge.runtime.report)."""
     session = session or load_session(cfg)
-    source = open_source(cfg.source, cfg.frames)
+    source = open_source(cfg.source, cfg.frames, cfg.image_limits)
     metrics = RunMetrics(cfg.max_records)
     sampler = MemorySampler(cfg.memory_interval_s).start()
     metrics.memory = sampler
@@ -130,8 +141,10 @@ def chat(cfg: RunConfig, questions: list[str], session: Session | None = None) -
 
     if not questions:
         raise ValueError("chat needs at least one question")
+    image: Image.Image = load_image(cfg.source, cfg.image_limits)  # before the model loads
     session = session or load_session(cfg)
-    image: Image.Image = load_image(cfg.source)
+    for q in questions:
+        check_prompt_fits(session.llm, session.vision, q, cfg.max_new_tokens)
     t0 = time.perf_counter()
     prepared = session.vision.prepare([image])
     t1 = time.perf_counter()
@@ -164,19 +177,27 @@ def chat(cfg: RunConfig, questions: list[str], session: Session | None = None) -
 
 
 def bench(cfg: RunConfig, session: Session | None = None, rounds: int = 3) -> dict[str, Any]:
-    """The loop on synthetic frames (`cfg.frames` of them), sequential vs pipelined, alternated for `rounds`
+    """The loop on `cfg.frames` frames of `cfg.source` (synthetic scenes unless another source is given),
+    sequential vs pipelined, alternated for `rounds`
     rounds so that load from other processes hits both alike; frames/s are the medians over the rounds."""
     import statistics
 
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     frames = cfg.frames or 50
+    # Synthetic frames by default; any other --source (a folder, a video, an image) is benchmarked as given.
+    synthetic = cfg.source == "synthetic" or cfg.source.startswith("synthetic:")
+    source = f"synthetic:{frames}" if synthetic else cfg.source
+    if not synthetic:
+        open_source(source, frames, cfg.image_limits).close()  # a bad --source fails before the model loads
     session = session or load_session(cfg)
-    out: dict[str, Any] = {"frames": frames, "rounds": rounds}
+    out: dict[str, Any] = {"frames": frames, "rounds": rounds, "source": source}
     fps: dict[str, list[float]] = {"sequential": [], "pipelined": []}
     for _ in range(rounds):
         for mode in fps:
-            mode_cfg = RunConfig(**{**cfg.__dict__, "source": f"synthetic:{frames}", "pipelined": mode == "pipelined"})
+            mode_cfg = RunConfig(
+                **{**cfg.__dict__, "source": source, "frames": frames, "pipelined": mode == "pipelined"}
+            )
             out[mode] = run(mode_cfg, session, title=f"vzedge bench ({mode})")
             fps[mode].append(out[mode]["summary"]["frames_per_s"])
     stages = out["sequential"]["summary"]["stages_ms"]

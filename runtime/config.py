@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from vzedge.images import ImageLimits
 from vzedge.visionzip import VisionZipConfig
 
 POLICIES = ("latest", "all")
@@ -41,6 +42,7 @@ class RunConfig:
     device: str = "auto"
     memory_interval_s: float = 0.25
     max_records: int = 10_000  # per-frame records kept for the report; older frames fold into totals
+    image_limits: ImageLimits = field(default_factory=ImageLimits)  # checked from each file's header
 
     def __post_init__(self) -> None:
         self.quant = _QUANT_ALIASES.get(self.quant, self.quant)
@@ -64,8 +66,11 @@ class RunConfig:
             raise ValueError(f"queue_size must be >= 1, got {self.queue_size}")
         if self.on_error not in ("stop", "continue"):
             raise ValueError(f"on_error {self.on_error!r}: use 'stop' or 'continue'")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ValueError(f"device {self.device!r}: use auto, cpu or cuda[:N]")
+        from vzedge._deps import check_device
+
+        check_device(self.device)
+        if not isinstance(self.image_limits, ImageLimits):
+            raise TypeError(f"image_limits must be an ImageLimits, got {type(self.image_limits).__name__}")
         if "<image>" not in self.template or "{question}" not in self.template:
             raise ValueError(
                 f"prompt template {self.template!r} needs an <image> placeholder and a {{question}} field, "
@@ -82,4 +87,5 @@ class RunConfig:
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
         d["visionzip"] = self.visionzip.to_dict() if self.visionzip is not None else None
+        d["image_limits"] = {"max_pixels": self.image_limits.max_pixels, "max_aspect": self.image_limits.max_aspect}
         return d

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+MAX_SIDE = 8192  # the largest resize or crop side a manifest may ask for
 _RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 
 
@@ -44,6 +45,31 @@ class Preprocess:
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"the manifest's preprocess block is malformed ({err!r}); re-export the model") from err
+
+    def __post_init__(self) -> None:
+        """Values that would silently give NaN/inf pixels or giant buffers are refused, wherever they come from."""
+        import math
+
+        def bad(msg: str) -> ValueError:
+            return ValueError(f"preprocess: {msg}; re-export the model (its manifest is damaged or was edited)")
+
+        if self.resize_mode not in ("shortest_edge", "exact"):
+            raise bad(f"resize mode {self.resize_mode!r} is not shortest_edge or exact")
+        sizes = [self.size] if isinstance(self.size, int) else list(self.size)
+        if self.crop is not None:
+            sizes += list(self.crop)
+        if len(sizes) != (1 if isinstance(self.size, int) else 2) + (2 if self.crop is not None else 0):
+            raise bad(f"size {self.size!r} / center_crop {self.crop!r} need one or two sides each")
+        if any(not 1 <= int(v) <= MAX_SIDE for v in sizes):
+            raise bad(f"size {self.size!r} / center_crop {self.crop!r} must be between 1 and {MAX_SIDE} pixels")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise bad(f"mean {self.mean!r} and std {self.std!r} need 3 values (RGB)")
+        if not all(math.isfinite(v) for v in (*self.mean, *self.std, self.rescale)):
+            raise bad(f"mean {self.mean!r}, std {self.std!r} and rescale {self.rescale!r} must be finite")
+        if any(abs(v) < 1e-6 for v in self.std):
+            raise bad(f"std {self.std!r} has a zero: every pixel would become inf")
+        if not 0 < self.rescale <= 1:
+            raise bad(f"rescale {self.rescale!r} must be in (0, 1] (1/255 for 8-bit images)")
 
     @property
     def output_size(self) -> tuple[int, int]:

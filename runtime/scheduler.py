@@ -97,6 +97,9 @@ class Pipeline:
     # -- stages ---------------------------------------------------------------------------------
     def _vision_stage(self, item: _Item) -> None:
         m, idx = self.metrics, item.frame.index
+        for f in item.frames:
+            if f.error is not None:  # the source could not read it: this frame fails, the loop goes on
+                raise f.error
         t0 = time.perf_counter()
         prepared = self.vision.prepare([f.image for f in item.frames])
         t1 = time.perf_counter()

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from vzedge.images import ImageLimits, open_image_file
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 
@@ -26,6 +28,7 @@ class Frame:
     capture_ms: float
     origin: str = ""
     meta: dict = field(default_factory=dict)
+    error: Exception | None = None  # the frame could not be read (image is None); its first stage reports it
 
 
 class Source:
@@ -48,22 +51,18 @@ def _timed(index: int, load, origin: str) -> Frame:
     return Frame(index=index, image=image, captured_at=t1, capture_ms=(t1 - t0) * 1e3, origin=origin)
 
 
-def _open_image(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except OSError as err:
-        raise ValueError(f"cannot read image {path}: {err}") from err
+def _open_image(path: Path, limits: ImageLimits | None = None) -> Image.Image:
+    return open_image_file(path, limits)
 
 
 class ImageSource(Source):
     """One image file, optionally repeated `repeat` times (a static scene for a perception loop)."""
 
-    def __init__(self, path: str, repeat: int = 1) -> None:
+    def __init__(self, path: str, repeat: int = 1, limits: ImageLimits | None = None) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise ValueError(f"image {path!r} does not exist; pass an image file, a folder, a video or 'synthetic'")
-        self.image = _open_image(self.path)
+        self.image = _open_image(self.path, limits)
         self.length = repeat
         self.name = f"image:{self.path.name}"
 
@@ -75,9 +74,10 @@ class ImageSource(Source):
 class FolderSource(Source):
     """Every image file of a folder, in name order."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, limits: ImageLimits | None = None) -> None:
         self.path = Path(path)
-        self.files = sorted(p for p in self.path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        self.limits = limits
+        self.files = sorted(p for p in self.path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not self.files:
             raise ValueError(f"folder {path!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         self.length = len(self.files)
@@ -85,7 +85,12 @@ class FolderSource(Source):
 
     def __iter__(self) -> Iterator[Frame]:
         for i, p in enumerate(self.files):
-            yield _timed(i, lambda p=p: _open_image(p), str(p))
+            try:
+                yield _timed(i, lambda p=p: _open_image(p, self.limits), str(p))
+            except ValueError as err:  # one unreadable file is that frame's failure, not the end of the run
+                yield Frame(
+                    index=i, image=None, captured_at=time.perf_counter(), capture_ms=0.0, origin=str(p), error=err
+                )  # type: ignore[arg-type]
 
 
 class SyntheticSource(Source):
@@ -138,20 +143,26 @@ class VideoSource(Source):
         self.cap.release()
 
 
-def open_source(spec: str, frames: int | None = None) -> Source:
+def open_source(spec: str, frames: int | None = None, limits: ImageLimits | None = None) -> Source:
     """`synthetic` / `synthetic:N`, `camera:K` (or a bare integer), a folder, a video file, or an image."""
     if spec == "synthetic" or spec.startswith("synthetic:"):
-        n = int(spec.split(":", 1)[1]) if ":" in spec else (frames or 100)
+        tail = spec.split(":", 1)[1] if ":" in spec else None
+        if tail is not None and not tail.isdigit():
+            raise ValueError(f"--source {spec!r}: use synthetic or synthetic:N with N a whole number of frames")
+        n = int(tail) if tail is not None else (frames or 100)
         return SyntheticSource(frames if frames is not None else n)
     if spec.startswith("camera:") or spec.isdigit():
-        return VideoSource(int(spec.split(":")[-1]), max_frames=frames)
+        index = spec.split(":", 1)[-1]
+        if not index.isdigit():
+            raise ValueError(f"--source {spec!r}: use camera:K with K a camera index such as 0")
+        return VideoSource(int(index), max_frames=frames)
     if spec == "demo":  # the built-in scene (demo_image seed 0), repeated
         return SyntheticSource(frames or 1, distinct=1)
     if os.path.isdir(spec):
-        return FolderSource(spec)
+        return FolderSource(spec, limits)
     suffix = Path(spec).suffix.lower()
     if suffix in VIDEO_SUFFIXES:
         if not os.path.isfile(spec):
             raise ValueError(f"video {spec!r} does not exist")
         return VideoSource(spec, max_frames=frames)
-    return ImageSource(spec, repeat=frames or 1)
+    return ImageSource(spec, repeat=frames or 1, limits=limits)

@@ -122,7 +122,7 @@ def test_manifest_verification_catches_changes(tmp_path):
     from vzedge.export.manifest import write_manifest
 
     (tmp_path / "model.onnx").write_bytes(b"graph")
-    m = write_manifest(tmp_path, {"source": {}, "graph": {}})
+    m = write_manifest(tmp_path, {"source": {}, "graph": {"file": "model.onnx"}})
     verify_files(tmp_path, read_manifest(tmp_path))
     (tmp_path / "model.onnx").write_bytes(b"graph!")
     with pytest.raises(ValueError, match="does not match its sha256"):

@@ -128,7 +128,7 @@ def test_a_failing_stage_is_counted(session, monkeypatch):
         return real(pixels)
 
     monkeypatch.setattr(session.vision, "encode", flaky)
-    monkeypatch.setattr(api, "open_source", lambda spec, frames: _Boom())
+    monkeypatch.setattr(api, "open_source", lambda *a, **k: _Boom())
     report = run(RunConfig(policy="all", on_error="continue", token_cache=0, **FAST), session)
     f = _accounted(report, 5)
     assert f["failed"] == 1 and f["processed"] == 4
@@ -150,7 +150,7 @@ def test_ctrl_c_keeps_the_count(session, monkeypatch):
                 yield Frame(i, demo_image(seed=i), 0.0, 0.0)
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(api, "open_source", lambda spec, frames: Interrupted())
+    monkeypatch.setattr(api, "open_source", lambda *a, **k: Interrupted())
     for pipelined in (True, False):
         report = run(RunConfig(policy="all", pipelined=pipelined, **FAST), session)
         assert report["interrupted"] is True

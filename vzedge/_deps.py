@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import re
 from types import ModuleType
 
 import torch
@@ -62,6 +63,22 @@ def tensorrt_available() -> bool:
 
 def bitsandbytes_available() -> bool:
     return has_module("bitsandbytes")
+
+
+def check_device(device: str, flag: str = "--device") -> str:
+    """`auto`, `cpu`, `cuda` or `cuda:N`, and CUDA only where this torch sees a GPU; ValueError naming the fix."""
+    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise ValueError(f"{flag} {device!r}: use auto, cpu, cuda or cuda:N (N a GPU index such as 0)")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else "a CUDA build that finds no GPU"
+            raise ValueError(
+                f"{flag} {device}: this torch {torch.__version__} is {build}; use {flag} cpu (or auto), or "
+                "install a CUDA torch on a machine with a GPU"
+            )
+        if ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
+            raise ValueError(f"{flag} {device}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

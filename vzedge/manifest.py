@@ -38,18 +38,55 @@ def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
+def inside(folder: str | os.PathLike[str], rel: Any, what: str) -> Path:
+    """`folder/rel` if `rel` is a relative path that stays inside `folder` (symlinks resolved), else ValueError.
+
+    Every path a manifest names goes through here: an edited manifest must not make the runtime load a file
+    from elsewhere (`../other/model.onnx`, an absolute path, a symlink out of the folder).
+    """
+    folder = Path(folder)
+    if not isinstance(rel, str) or not rel or "\x00" in rel:
+        raise ValueError(f"{folder}/{MANIFEST_NAME}: {what} {rel!r} is not a file name; re-export the model")
+    pure = Path(rel)
+    if pure.is_absolute() or ".." in pure.parts:
+        raise ValueError(
+            f"{folder}/{MANIFEST_NAME}: {what} {rel!r} points outside the export folder; the runtime only loads "
+            "files inside it: re-export the model"
+        )
+    path = folder / pure
+    root = folder.resolve()
+    if not path.resolve().is_relative_to(root):
+        raise ValueError(f"{folder}/{MANIFEST_NAME}: {what} {rel!r} resolves outside {folder} (a symlink?)")
+    return path
+
+
 def verify_files(folder: str | os.PathLike[str], manifest: dict[str, Any]) -> None:
-    """Raise ValueError unless every file listed exists with its sha256 and no unlisted file is present."""
+    """Raise ValueError unless every file listed exists inside `folder` with its sha256, no unlisted file is
+    present, and the files the graph block names (graph.file, graph.external_data) are among the hashed ones."""
     folder = Path(folder)
     listed = manifest.get("files")
     if not isinstance(listed, dict) or not listed:
         raise ValueError(f"{folder}/{MANIFEST_NAME} lists no files")
+    for rel in listed:
+        inside(folder, rel, "files[]")
     actual = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} - {MANIFEST_NAME}
     if extra := sorted(actual - set(listed)):
         raise ValueError(f"{folder} holds files the manifest does not list: {extra}")
+    graph = manifest.get("graph")
+    if not isinstance(graph, dict):
+        raise ValueError(f"{folder}/{MANIFEST_NAME} has no graph block; re-export the model")
+    used = {"graph.file": graph.get("file")}
+    if graph.get("external_data") is not None:
+        used["graph.external_data"] = graph["external_data"]
+    for what, rel in used.items():
+        inside(folder, rel, what)
+        if Path(rel).as_posix() not in listed:
+            raise ValueError(
+                f"{folder}/{MANIFEST_NAME}: {what} {rel!r} is not among the hashed files[]; re-export the model"
+            )
     for rel, entry in listed.items():
         path = folder / rel
         if not path.is_file():
             raise ValueError(f"{path} is listed in the manifest but missing: the export is incomplete")
-        if sha256_file(path) != entry.get("sha256"):
+        if not isinstance(entry, dict) or sha256_file(path) != entry.get("sha256"):
             raise ValueError(f"{path} does not match its sha256 in the manifest: the file changed after export")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ import numpy as np
 import torch
 
 from vzedge._deps import require
+from vzedge.manifest import MANIFEST_NAME, inside
 from vzedge.ort_providers import ort_tensorrt_providers, providers_for
 from vzedge.runtime.backends.base import VisionBackend
 from vzedge.runtime.preprocess import Preprocess
@@ -41,7 +43,15 @@ class OrtVisionBackend(VisionBackend):
             providers = providers_for(backend, available)
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        self.session = ort.InferenceSession(str(folder / graph["file"]), sess_options=opts, providers=providers)
+        path = inside(folder, graph["file"], "graph.file")
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        except Exception as err:  # ORT's own exception types (InvalidProtobuf, Fail, ...) carry no common base
+            raise ValueError(
+                f"{path} is not a graph ONNX Runtime can load ({type(err).__name__}: {' '.join(str(err).split())}); "
+                "re-export the model"
+            ) from None
+        check_graph(self.session, manifest, folder)
         self.providers = self.session.get_providers()
         self.name = f"ort-{self.providers[0].replace('ExecutionProvider', '').lower()}"
         # An export without --projector gives vision-width tokens: the LLM model's projector runs after it.
@@ -74,3 +84,47 @@ class OrtVisionBackend(VisionBackend):
             p = next(self.projector.parameters())
             out = self.projector(out.to(p.device, p.dtype))
         return out
+
+
+def check_graph(session: Any, manifest: dict[str, Any], folder: Path) -> None:
+    """What the graph really takes and gives (names, shapes, token count) must be what the manifest says.
+
+    The manifest is the runtime's only description of the graph; an edited one would make reports claim
+    token counts the graph does not produce, so the graph is run once on a zero batch and compared.
+    """
+    where = f"{folder}/{MANIFEST_NAME}"
+    graph, vz = manifest["graph"], manifest["visionzip"]
+    try:
+        inputs, outputs = graph["inputs"], graph["outputs"]
+        in_name, in_shape = inputs[0]["name"], list(inputs[0]["shape"])
+        tok_name, kept_name = outputs[0]["name"], outputs[1]["name"]
+        k = int(vz["dominant"]) + int(vz["contextual"])
+        dominant = int(vz["dominant"])
+        tok_shape = list(outputs[0]["shape"])
+    except (KeyError, IndexError, TypeError, ValueError) as err:
+        raise ValueError(f"{where}: graph inputs/outputs or visionzip block malformed ({err!r}); re-export") from None
+    real_in = [i.name for i in session.get_inputs()]
+    real_out = [o.name for o in session.get_outputs()]
+    if real_in != [in_name] or real_out[:2] != [tok_name, kept_name]:
+        raise ValueError(
+            f"{where} names inputs {[in_name]} and outputs {[tok_name, kept_name]}, but the graph has {real_in} -> "
+            f"{real_out}; re-export the model"
+        )
+    if len(in_shape) != 4 or tok_shape[1:2] != [k]:
+        raise ValueError(f"{where}: input shape {in_shape} / tokens shape {tok_shape} do not match {k} tokens")
+    pre = Preprocess.from_manifest(manifest["preprocess"])
+    size = None
+    with contextlib.suppress(ValueError):  # shortest-edge without a crop has no fixed size to compare
+        size = list(pre.output_size)
+    if size is not None and size != [int(d) for d in in_shape[2:]]:
+        raise ValueError(
+            f"{where}: preprocessing makes {size} images but the graph takes {in_shape[2:]}; re-export the model"
+        )
+    h, w = (int(d) for d in in_shape[2:])
+    tokens, kept = session.run([tok_name, kept_name], {in_name: np.zeros((1, int(in_shape[1]), h, w), np.float32)})
+    want = [1, k, int(tok_shape[2])] if isinstance(tok_shape[2], int) else [1, k, tokens.shape[-1]]
+    if list(tokens.shape) != want or list(kept.shape) != [1, dominant]:
+        raise ValueError(
+            f"{where} says tokens {want} and kept_indices [1, {dominant}] for one image, but the graph gives "
+            f"{list(tokens.shape)} and {list(kept.shape)}; the manifest does not describe this graph: re-export"
+        )

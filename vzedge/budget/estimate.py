@@ -84,8 +84,12 @@ class BudgetConfig:
             raise ValueError(f"vision backend {self.vision_backend!r} is not one of {', '.join(VISION_BACKENDS)}")
         if self.attention not in ("sdpa", "eager"):
             raise ValueError(f"attention {self.attention!r}: use sdpa or eager")
-        if self.trt_workspace_mib < 0 or self.headroom_gib < 0:
-            raise ValueError("trt_workspace_mib and headroom_gib must be >= 0")
+        if self.trt_workspace_mib < 0:
+            raise ValueError(f"--trt-workspace-mib {self.trt_workspace_mib}: pass a size >= 0")
+        if not isinstance(self.headroom_gib, (int, float)) or not (0 <= self.headroom_gib < 1024**2):
+            raise ValueError(
+                f"--headroom {self.headroom_gib!r}: pass the GiB that must stay free, a finite number >= 0 (e.g. 0.5)"
+            )
         if self.double_quant and self.quant not in ("bnb-nf4", "bnb-fp4"):
             raise ValueError(f"double_quant applies to bnb-nf4/bnb-fp4 only, not {self.quant}")
 

@@ -15,10 +15,42 @@ def add_visionzip_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--merge", choices=("reference", "mean"), default="reference")
 
 
+def add_image_limit_args(p: argparse.ArgumentParser) -> None:
+    from vzedge.images import DEFAULT_LIMITS
+
+    g = p.add_argument_group("input limits (checked from the image header, before decoding)")
+    g.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=DEFAULT_LIMITS.max_pixels,
+        help=f"largest width x height accepted (default {DEFAULT_LIMITS.max_pixels:,})",
+    )
+    g.add_argument(
+        "--max-aspect-ratio",
+        type=float,
+        default=DEFAULT_LIMITS.max_aspect,
+        help=f"largest long side / short side accepted (default {DEFAULT_LIMITS.max_aspect:g})",
+    )
+
+
+def image_limits(args: argparse.Namespace):
+    from vzedge.images import ImageLimits
+
+    return ImageLimits(max_pixels=args.max_image_pixels, max_aspect=args.max_aspect_ratio)
+
+
 def visionzip_config(args: argparse.Namespace):
     from vzedge.visionzip import VisionZipConfig
 
     return VisionZipConfig(dominant=args.dominant, contextual=args.contextual, layer=args.layer, merge=args.merge)
+
+
+def results_stdout():
+    """While a library call runs, anything printed to stdout goes to stderr: stdout carries only the verb's
+    results (third-party packages such as gptqmodel print banners to stdout, which broke `--json`)."""
+    import contextlib
+
+    return contextlib.redirect_stdout(sys.stderr)
 
 
 def progress_bar(total: int | None):

@@ -31,6 +31,10 @@ def _cmd_budget(args: argparse.Namespace) -> int:
         devices_file=args.devices,
         headroom_gib=args.headroom,
     )
+    if args.json:
+        from vzedge.io import check_writable_file
+
+        check_writable_file(args.json, "--json")
     if args.validate:
         if args.fit is not None:
             raise ValueError("--fit and --validate are separate questions; pass one of them")

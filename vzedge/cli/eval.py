@@ -25,6 +25,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         tuned=tuple(args.tuned or ()),
     )
+    from vzedge.io import check_writable_file
+
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            check_writable_file(path, flag)  # before the evaluation, not after it
     result = evaluate(cfg)
     if args.json:
         write_json(args.json, result)

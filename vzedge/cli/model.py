@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from vzedge.cli._common import add_visionzip_args, visionzip_config
+from vzedge.cli._common import add_image_limit_args, add_visionzip_args, image_limits, results_stdout, visionzip_config
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -43,7 +43,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_show(args: argparse.Namespace) -> int:
     from vzedge.api import show
 
-    summary = show(args.model, args.image, args.out, visionzip_config(args))
+    summary = show(args.model, args.image, args.out, visionzip_config(args), image_limits(args))
     print(
         f"wrote {summary['out']}: {summary['kept_tokens']} dominant + {summary['contextual_tokens']} contextual "
         f"tokens on a {summary['grid']}x{summary['grid']} grid; kept patches hold "
@@ -56,9 +56,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from vzedge.api import generate
 
     cfg = None if args.no_visionzip else visionzip_config(args)
-    result = generate(
-        args.model, args.image, args.prompt, cfg, max_new_tokens=args.max_new_tokens, projector=args.projector
-    )
+    with results_stdout():
+        result = generate(
+            args.model,
+            args.image,
+            args.prompt,
+            cfg,
+            max_new_tokens=args.max_new_tokens,
+            projector=args.projector,
+            limits=image_limits(args),
+        )
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -84,6 +91,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", default="demo", help="image file, or 'demo' for the built-in scene")
     p.add_argument("--out", required=True, help="PNG to write")
     add_visionzip_args(p)
+    add_image_limit_args(p)
     p.set_defaults(func=_cmd_show)
 
     p = sub.add_parser("generate", help="answer a prompt about an image on VisionZip tokens")
@@ -101,4 +109,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--json", action="store_true")
     add_visionzip_args(p)
+    add_image_limit_args(p)
     p.set_defaults(func=_cmd_generate)

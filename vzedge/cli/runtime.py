@@ -7,7 +7,14 @@ import json
 import sys
 
 from vzedge._deps import require
-from vzedge.cli._common import add_visionzip_args, progress_bar, visionzip_config
+from vzedge.cli._common import (
+    add_image_limit_args,
+    add_visionzip_args,
+    image_limits,
+    progress_bar,
+    results_stdout,
+    visionzip_config,
+)
 
 
 def add_runtime_args(p: argparse.ArgumentParser, source_default: str) -> None:
@@ -29,6 +36,7 @@ def add_runtime_args(p: argparse.ArgumentParser, source_default: str) -> None:
     p.add_argument("--json", dest="json_out", default=None, help="write the full report as JSON to this file")
     p.add_argument("--plot", default=None, help="write per-stage latency and memory over time to this PNG")
     add_visionzip_args(p)
+    add_image_limit_args(p)
 
 
 def run_config(args: argparse.Namespace, **extra):
@@ -51,8 +59,22 @@ def run_config(args: argparse.Namespace, **extra):
         prompt=args.prompt,
         max_new_tokens=args.max_new_tokens,
         device=args.device,
+        image_limits=image_limits(args),
         **extra,
     )
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Report files are checked before the run, not found unwritable after it."""
+    from vzedge.io import check_writable_file
+
+    if args.json_out:
+        check_writable_file(args.json_out, "--json")
+    if getattr(args, "plot", None):
+        from vzedge._deps import require
+
+        require("matplotlib", "--plot")
+        check_writable_file(args.plot, "--plot")
 
 
 def write_reports(args: argparse.Namespace, report: dict) -> None:
@@ -73,7 +95,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = run_config(
         args, policy=args.policy, pipelined=not args.sequential, on_error=args.on_error, queue_size=args.queue_size
     )
-    with progress_bar(cfg.frames) as progress:
+    check_outputs(args)
+    with progress_bar(cfg.frames) as progress, results_stdout():
         on_frame = None
         if progress is not None:
             task = progress.add_task("frames", total=cfg.frames)
@@ -89,15 +112,25 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if report.get("stopped_by_error"):
         print(f"vzedge run: stopped: {report['stopped_by_error']}", file=sys.stderr)
         return 1
-    return 130 if report["interrupted"] else 0
+    if report["interrupted"]:
+        f = report["summary"]["frames"]
+        print(
+            f"vzedge run: interrupted; the report covers the {f['seen']} frames read "
+            f"({f['processed']} processed, {f['dropped']} dropped, {f['failed']} failed)",
+            file=sys.stderr,
+        )
+        return 130  # vzedge.cli.run makes it 143 when the interrupt was SIGTERM
+    return 0
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
     from vzedge.runtime.api import chat, load_session
 
     cfg = run_config(args)
+    check_outputs(args)
     questions = list(args.question or [])
-    session = load_session(cfg)
+    with results_stdout():
+        session = load_session(cfg)
     if not questions:  # interactive: one question per line until EOF or an empty line
         print(f"chat about {cfg.source} ({session.vision.num_tokens} image tokens); empty line to quit")
         for line in sys.stdin:
@@ -106,7 +139,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
             turn = chat(cfg, [line.strip()], session)["turns"][0]
             print(f"> {turn['answer']}   ({turn['ttft_ms']:.0f} ms to first token)")
         return 0
-    result = chat(cfg, questions, session)
+    with results_stdout():
+        result = chat(cfg, questions, session)
     for turn in result["turns"]:
         print(f"Q: {turn['question']}\nA: {turn['answer']}   (TTFT {turn['ttft_ms']:.1f} ms)")
     print(
@@ -125,7 +159,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from vzedge.runtime.report import markdown
 
     cfg = run_config(args, policy="all")
-    result = bench(cfg)
+    check_outputs(args)
+    with results_stdout():
+        result = bench(cfg)
     for mode in ("sequential", "pipelined"):
         print(f"## {mode}")
         print(markdown(result[mode]))

@@ -60,8 +60,11 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 
 def _cmd_make_data(args: argparse.Namespace) -> int:
+    from vzedge.images import ImageLimits
     from vzedge.tune import make_data
 
+    # Checked here until make_data checks it itself: a --size of 100000 would draw 30 GB scenes.
+    ImageLimits(max_pixels=args.max_image_pixels).check(args.size, args.size, f"--size {args.size}: each scene")
     path = make_data(args.out, n=args.n, split=args.split, seed=args.seed, size=args.size)
     print(f"wrote {path}: use --data {path} --images {args.out}")
     return 0
@@ -96,4 +99,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=("train", "test"), default="train")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=224, help="image size in pixels")
+    p.add_argument(
+        "--max-image-pixels", type=int, default=4096 * 4096, help="largest --size x --size allowed (default 4096^2)"
+    )
     p.set_defaults(func=_cmd_make_data)

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from safetensors import SafetensorError
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -77,12 +78,51 @@ def load_config(name: str) -> Any:
         return tiny_config()
     if name == "tiny":
         name, kind = _shipped_tiny(), "local"
+    if kind == "hub":
+        _check_hub_id(name)
     from transformers import AutoConfig
 
     try:
         return AutoConfig.from_pretrained(name, local_files_only=kind == "local")
     except OSError as err:
         raise ValueError(_unreachable(name, kind, err)) from err
+
+
+def _check_hub_id(name: str) -> None:
+    """Fail in a second, not after the hub client's retries, when `name` is neither local nor reachable.
+
+    `mymodels/llava7b` is a hub id in form but usually a mistyped local path: the error says both.
+    """
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return
+    cached = try_to_load_from_cache(name, "config.json")
+    if isinstance(cached, str):
+        return
+    if _hub_reachable():
+        return
+    raise ValueError(
+        f"--model {name!r}: there is no local folder {name!r} (check the path, relative to {os.getcwd()}), and as "
+        "a hub id it is not in the local cache and the hub cannot be reached (offline). Pass an existing folder, "
+        "download the model where there is internet, or use --model tiny"
+    )
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """One TCP connection to the hub's endpoint (HF_ENDPOINT), with a short timeout; False if offline."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
 
 
 def _unreachable(name: str, kind: str, err: Exception) -> str:
@@ -128,6 +168,10 @@ def load_model(name: str, dtype: Any = None, revision: str | None = None) -> Loa
             return _load_vision(name, model_type, kw)
     except OSError as err:
         raise ValueError(_unreachable(name, kind, err)) from err
+    except SafetensorError as err:
+        raise ValueError(
+            f"the weights of {name!r} are truncated or corrupt ({err}); download or save the model again"
+        ) from None
     raise ValueError(
         f"{name!r} is a {model_type!r} model; vzedge supports LLaVA checkpoints (model_type {sorted(_VLM_CLASSES)}) "
         "and bare CLIP/SigLIP vision encoders"

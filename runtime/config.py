@@ -29,7 +29,7 @@ class RunConfig:
     source: str = "demo"
     frames: int | None = None
     prompt: str = "What is in the image?"
-    template: str = "USER: <image>\n{question} ASSISTANT:"
+    template: str | None = None  # None: the model's chat template (vzedge.prompt), as `vzedge generate` uses
     layout: str = "reference"  # anyres models: "reference" (authors') or "newline" arrangement of the crops
     clip: int = 1  # frames per question: each compressed on its own, their tokens concatenated
     policy: str = "latest"
@@ -66,7 +66,7 @@ class RunConfig:
             raise ValueError(f"on_error {self.on_error!r}: use 'stop' or 'continue'")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device {self.device!r}: use auto, cpu or cuda[:N]")
-        if "<image>" not in self.template or "{question}" not in self.template:
+        if self.template is not None and ("<image>" not in self.template or "{question}" not in self.template):
             raise ValueError(
                 f"prompt template {self.template!r} needs an <image> placeholder and a {{question}} field, "
                 "e.g. 'USER: <image>\\n{question} ASSISTANT:'"

@@ -1,0 +1,169 @@
+"""The server's parts without a server: prompt builder, config and CLI checks, image cache, sampling, image
+decoding. Fast; no HTTP."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from vzedge.prompt import question_template, render, single_turn
+
+
+class _NoTemplate:
+    chat_template = None
+
+
+def _msgs(first: str = "Q1?") -> list[dict]:
+    return [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": first}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "A1"}]},
+        {"role": "user", "content": [{"type": "text", "text": "Q2?"}]},
+    ]
+
+
+def test_prompt_builder_matches_the_tiny_chat_template():
+    from vzedge.models.loading import load_model
+
+    processor = load_model("tiny").processor
+    assert processor.chat_template
+    assert single_turn(processor, "What?") == "USER: <image>\nWhat? ASSISTANT:"
+    # The LLaVA-1.5 fallback (no chat template) renders what the template does.
+    assert render(_NoTemplate(), _msgs()) == render(processor, _msgs())
+    assert render(processor, _msgs()) == "USER: <image>\nQ1? ASSISTANT: A1</s>USER: Q2? ASSISTANT:"
+    assert question_template(processor) == "USER: <image>\n{question} ASSISTANT:"
+    assert question_template(_NoTemplate()).format(question="a {b}") == "USER: <image>\na {b} ASSISTANT:"
+
+
+def test_prompt_builder_refuses_unknown_roles_and_parts():
+    with pytest.raises(ValueError, match="role 'robot'"):
+        render(_NoTemplate(), [{"role": "robot", "content": []}])
+    with pytest.raises(ValueError, match="type 'audio'"):
+        render(_NoTemplate(), [{"role": "user", "content": [{"type": "audio"}]}])
+    with pytest.raises(ValueError, match="at least one message"):
+        render(_NoTemplate(), [])
+
+
+def test_import_vzedge_serve_is_lean():
+    code = (
+        "import sys, json, vzedge.serve, vzedge.cli\n"
+        "heavy = ('fastapi', 'uvicorn', 'prometheus_client', 'transformers')\n"
+        "print(json.dumps([m for m in heavy if m in sys.modules]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--budget", "54"], "dominant+contextual"),
+        (["--port", "0"], "port must be"),
+        (["--image-root", "/nonexistent-dir"], "not a folder"),
+        (["--max-queue", "0"], "max_queue"),
+        (["--quant", "int3"], "quant 'int3'"),
+        (["--no-visionzip", "--projector", "/some/dir"], "drop --no-visionzip"),
+        (["--api-key", ""], "--api-key is empty"),
+    ],
+)
+def test_cli_refuses_bad_options(argv, message, capsys):
+    from vzedge.cli import run
+
+    assert run(["serve", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_parse_budget():
+    from vzedge.serve import parse_budget
+
+    assert parse_budget("54+10") == (54, 10)
+    assert parse_budget("24+0") == (24, 0)
+
+
+def test_image_cache_is_lru_under_a_byte_cap():
+    from vzedge.serve.cache import CacheEntry, ImageCache
+
+    cache = ImageCache(300)
+    for k in "abc":
+        assert cache.put((k,), CacheEntry(torch.zeros(1), None, 100))
+    assert cache.get(("a",)) is not None  # a is now the most recent
+    cache.put(("d",), CacheEntry(torch.zeros(1), None, 100))  # evicts b
+    assert cache.get(("b",)) is None and cache.get(("c",)) is not None
+    assert (cache.bytes, len(cache), cache.evictions, cache.hits, cache.misses) == (300, 3, 1, 2, 1)
+    assert not cache.put(("e",), CacheEntry(torch.zeros(1), None, 301))  # alone over the cap: not stored
+    assert cache.bytes == 300
+
+
+def test_kv_bytes_counts_every_layer():
+    from transformers import DynamicCache
+
+    from vzedge.serve.cache import kv_bytes
+
+    cache = DynamicCache()
+    for layer in range(3):
+        cache.update(torch.zeros(1, 2, 5, 8), torch.zeros(1, 2, 5, 8), layer)
+    assert kv_bytes(cache) == 3 * 2 * (2 * 5 * 8) * 4
+
+
+def test_top_p_sampling_keeps_the_smallest_set():
+    from vzedge.runtime.backends.llm import sample_token
+
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    assert sample_token(logits, 0.0, 1.0, None) == 0
+    g = torch.Generator().manual_seed(0)
+    drawn = {sample_token(logits, 1.0, 0.75, g) for _ in range(300)}
+    assert drawn == {0, 1}  # 0.5 + 0.3 reaches 0.75; 2 and 3 are never drawn
+    g = torch.Generator().manual_seed(0)
+    counts = torch.bincount(torch.tensor([sample_token(logits, 1.0, 1.0, g) for _ in range(2000)]), minlength=4)
+    assert torch.allclose(counts.float() / 2000, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.04)
+
+
+def _png(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_image_decoding_hash_and_refusals(tmp_path):
+    from PIL import Image
+
+    from vzedge.images import demo_image
+    from vzedge.serve.errors import RequestError
+    from vzedge.serve.images import decode_image_url
+
+    img = demo_image(seed=2)
+    png = _png(img)
+    a = decode_image_url("data:image/png;base64," + base64.b64encode(png).decode(), None, 10**7, "p")
+    (tmp_path / "x.png").write_bytes(png)
+    b = decode_image_url("file://" + str(tmp_path / "x.png"), str(tmp_path), 10**7, "p")
+    c = decode_image_url("x.png", str(tmp_path), 10**7, "p")
+    assert a.sha256 == b.sha256 == c.sha256  # the same pixels, however they came
+    assert a.image.tobytes() == img.tobytes()
+    buf = io.BytesIO()
+    img.save(buf, "WEBP", lossless=True)
+    w = decode_image_url("data:image/webp;base64," + base64.b64encode(buf.getvalue()).decode(), None, 10**7, "p")
+    assert w.sha256 == a.sha256
+    gif = io.BytesIO()
+    img.save(gif, "GIF")
+    cases = [
+        ("data:image/gif;base64," + base64.b64encode(gif.getvalue()).decode(), None, "image/png"),
+        ("data:;base64," + base64.b64encode(gif.getvalue()).decode(), None, "format GIF"),
+        ("data:image/png;base64," + base64.b64encode(png[:200]).decode(), None, "cannot be decoded"),
+        ("data:image/png," + "abc", None, "must be base64"),
+        ("x.png", None, "--image-root DIR"),
+        ("../x.png", str(tmp_path / "sub"), "outside --image-root"),
+        ("ftp://host/x.png", None, "scheme 'ftp'"),
+    ]
+    (tmp_path / "sub").mkdir()
+    for url, root, fragment in cases:
+        with pytest.raises(RequestError, match=fragment.replace("(", r"\(")) as err:
+            decode_image_url(url, root, 10**7, "p")
+        assert err.value.status == 400 and err.value.param == "p"
+    big = _png(Image.new("L", (3000, 3000)))
+    with pytest.raises(RequestError, match="9000000 pixels"):
+        decode_image_url("data:image/png;base64," + base64.b64encode(big).decode(), None, 4_000_000, "p")

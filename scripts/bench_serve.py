@@ -206,6 +206,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=8, help="tokens decoded per request (ignore_eos)")
     ap.add_argument("--follow-ups", type=int, default=8, help="images for the cache-hit speed-up")
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--server-threads", type=int, default=None, help="--threads of both servers")
     ap.add_argument("--logs", default=None, help="folder for the servers' logs (default: a temp folder)")
     ap.add_argument("--json", dest="json_out", default=None)
     args = ap.parse_args()
@@ -218,6 +219,8 @@ def main() -> None:
     logs.mkdir(parents=True, exist_ok=True)
     modes = {"visionzip": [], "all_tokens": ["--no-visionzip"]}
     common = ["--served-model-name", "bench", "--max-queue", str(4 * max(args.clients) + 8)]
+    if args.server_threads is not None:
+        common += ["--threads", str(args.server_threads)]
     servers = {m: Server(args.model, [*extra, *common], logs / f"{m}.log") for m, extra in modes.items()}
     seed = 1000
     result: dict = {"levels": {m: [] for m in modes}, "follow_ups": {}}
@@ -249,7 +252,8 @@ def main() -> None:
         model=args.model,
         max_tokens=args.max_tokens,
         requests_per_level=args.requests,
-        server_torch_threads="default",
+        server_torch_threads=args.server_threads or "default",
+        load_average_at_end=os.getloadavg(),
         note="each request a new image (cache miss), streamed, ignore_eos; servers run side by side",
     )
     text = json.dumps(result, indent=2)

@@ -37,6 +37,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_vision_batch=args.max_vision_batch,
         default_max_tokens=args.max_tokens,
         timeout_s=args.timeout,
+        threads=args.threads,
     )
     print(f"vzedge serve: {cfg.name} on http://{cfg.host}:{cfg.port}/v1 (GET /health answers 200 once loaded)")
     return serve(cfg)
@@ -75,5 +76,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-vision-batch", type=int, default=8, help="images per vision pass")
     p.add_argument("--max-tokens", type=int, default=256, help="max_tokens when a request gives none")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds a request may take, queue included")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     add_visionzip_args(p)
     p.set_defaults(func=_cmd_serve)

@@ -44,6 +44,7 @@ class ServeConfig:
     max_vision_batch: int = 8  # cache misses encoded in one vision pass
     default_max_tokens: int = 256
     timeout_s: float = 120.0
+    threads: int | None = None  # torch intra-op threads (None: torch's default); 1 is faster on a loaded 2-core CPU
     warmup: bool = True
 
     def __post_init__(self) -> None:
@@ -58,6 +59,8 @@ class ServeConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_images != 1:
             raise ValueError("max_images: the server holds one image per conversation (its KV prefix); use 1")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.default_max_tokens < 1:
             raise ValueError(f"default_max_tokens must be >= 1, got {self.default_max_tokens}")
         if self.image_root is not None and not os.path.isdir(self.image_root):

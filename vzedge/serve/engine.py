@@ -9,6 +9,7 @@ on what else is running.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -102,6 +103,8 @@ class Engine:
 
     def _main(self) -> None:
         try:
+            if self.cfg.threads is not None:
+                torch.set_num_threads(self.cfg.threads)
             self._load()
         except BaseException as err:  # reported by /health and every request; the thread ends
             log.exception("loading %s failed", self.cfg.model)
@@ -132,6 +135,10 @@ class Engine:
                 load_tuned_projector(projector, session.loaded.vlm, cfg.visionzip)
         self.projector = projector if cfg.vision is None else None
         self.session = session
+        # The HTTP side counts prompt tokens on its own copy of the tokenizer: a fast (Rust) tokenizer shared
+        # between threads can fail with "RuntimeError: Already borrowed" (transformers #47085).
+        self._counter = copy.copy(session.llm)
+        self._counter.tokenizer = copy.deepcopy(session.llm.tokenizer)
         tower = adapt_vision_tower(session.loaded.vision)
         strategy = getattr(session.loaded.vlm.config, "vision_feature_select_strategy", "full")
         self.stock_tokens = tower.num_patches if (tower.has_cls and strategy == "default") else tower.seq_len
@@ -161,8 +168,9 @@ class Engine:
         return int(self.session.vision.num_tokens)
 
     def prompt_tokens(self, prefix_text: str, text: str) -> int:
-        """BOS + prefix + image tokens + the rest, as the LLM will see them."""
-        llm = self.session.llm
+        """BOS + prefix + image tokens + the rest, as the LLM will see them. Call from one thread only (the
+        event loop's): it uses the HTTP side's copy of the tokenizer."""
+        llm = self._counter
         return llm.count_tokens(prefix_text, bos=True) + self.image_tokens + llm.count_tokens(text)
 
     # --- queue ------------------------------------------------------------------------------------------------

@@ -195,9 +195,15 @@ def test_follow_up_is_a_cache_hit_and_equals_no_cache(server):
 
 @pytest.mark.slow
 def test_concurrent_clients_get_correct_answers(server):
-    images = [f"demo:{i}" for i in (10, 11, 12, 13)]
-    urls = {im: data_url(load_image(im)) for im in images}
-    expected = {(im, q): ask(server.client(), [user(urls[im], q)])[0] for im in images for q in QUESTIONS}
+    """16 clients x 2 requests: first a new image per 4 clients (concurrent cache misses, batched vision
+    passes; answers checked against `vzedge generate`), then images seen before (cache hits)."""
+    fresh = [f"demo:{i}" for i in range(20, 24)]
+    seen = [f"demo:{i}" for i in (10, 11, 12, 13)]
+    urls = {im: data_url(load_image(im)) for im in fresh + seen}
+    expected = {(im, QUESTIONS[0]): reference(QUESTIONS[0], im) for im in fresh}
+    expected |= {(im, q): ask(server.client(), [user(urls[im], q)])[0] for im in seen for q in QUESTIONS}
+    plan = {(c, 0): (fresh[c % 4], QUESTIONS[0]) for c in range(16)}
+    plan |= {(c, 1): (seen[c % 4], QUESTIONS[(c // 4) % 2]) for c in range(16)}
     results: dict[tuple[int, int], str] = {}
     errors: list[BaseException] = []
 
@@ -205,7 +211,7 @@ def test_concurrent_clients_get_correct_answers(server):
         client = server.client()
         try:
             for r in range(2):
-                im, q = images[(c + r) % len(images)], QUESTIONS[(c // 4 + r) % 2]
+                im, q = plan[(c, r)]
                 answer, _ = ask(client, [user(urls[im], q)], stream=(c + r) % 2 == 0)
                 results[(c, r)] = answer
                 assert answer == expected[(im, q)], (c, r, im, q, answer)
@@ -220,6 +226,14 @@ def test_concurrent_clients_get_correct_answers(server):
     assert not any(t.is_alive() for t in threads), "clients still waiting after 120 s"
     assert not errors, errors[:3]
     assert len(results) == 32
+    # Concurrent cache misses share vision passes: some pass encoded more than one image.
+    metrics = httpx.get(f"{server.base}/metrics", timeout=10).text
+    batches = {
+        line.split()[0]: float(line.split()[1])
+        for line in metrics.splitlines()
+        if line.startswith("vzedge_vision_batch")
+    }
+    assert batches["vzedge_vision_batch_images_sum"] > batches["vzedge_vision_batch_images_count"], batches
 
 
 def _tiny_png(size: tuple[int, int], mode: str = "RGB") -> str:

@@ -245,11 +245,19 @@ def create_app(config: ServeConfig, engine: Engine | None = None) -> Any:
             }
 
         async def next_event() -> tuple[str, Any]:
-            try:
-                return await asyncio.wait_for(events.get(), timeout=config.timeout_s + 30)
-            except asyncio.TimeoutError:
-                job.cancelled.set()
-                raise RequestError("the engine did not answer in time", 504, code="timeout") from None
+            """The engine's next event; checks every second whether the client is still there (a client that
+            went away frees its place in the engine)."""
+            give_up = time.monotonic() + config.timeout_s + 30  # the engine enforces the timeout; this is a backstop
+            while True:
+                try:
+                    return await asyncio.wait_for(events.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        job.cancelled.set()
+                        raise RequestError("the client went away", 499, code="cancelled") from None
+                    if time.monotonic() > give_up:
+                        job.cancelled.set()
+                        raise RequestError("the engine did not answer in time", 504, code="timeout") from None
 
         base = {"id": job.id, "created": int(time.time()), "model": config.name}
         if not req.stream:

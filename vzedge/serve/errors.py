@@ -12,6 +12,7 @@ _TYPES = {
     413: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
+    499: "cancelled",  # the client closed the connection (nginx's code); nobody reads the answer
     500: "server_error",
     503: "server_error",
     504: "timeout_error",

@@ -167,3 +167,15 @@ def test_image_decoding_hash_and_refusals(tmp_path):
     big = _png(Image.new("L", (3000, 3000)))
     with pytest.raises(RequestError, match="9000000 pixels"):
         decode_image_url("data:image/png;base64," + base64.b64encode(big).decode(), None, 4_000_000, "p")
+
+
+def test_a_model_that_does_not_load_stops_the_server_with_status_2():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "vzedge", "serve", "--model", "/nonexistent/model", "--port", str(port)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "vzedge serve: error: --model '/nonexistent/model' is neither a built-in model" in proc.stderr

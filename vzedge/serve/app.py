@@ -336,6 +336,7 @@ def serve(config: ServeConfig) -> int:
     import uvicorn
 
     app = create_app(config)
+    engine = app.state.engine
     server = uvicorn.Server(
         uvicorn.Config(
             app,
@@ -349,7 +350,13 @@ def serve(config: ServeConfig) -> int:
     # uvicorn re-raises the signal that stopped it under the handler it found; a no-op one makes a drained
     # SIGTERM exit 0.
     signal.signal(signal.SIGTERM, lambda *_: None)
+    engine.on_load_error = lambda: setattr(server, "should_exit", True)  # nothing to serve: stop at once
     server.run()
+    err = engine.load_error
+    if err is not None:
+        if isinstance(err, (ValueError, TypeError, ImportError, FileExistsError)):
+            raise err  # bad input: the CLI prints it and exits 2
+        raise RuntimeError(f"loading {config.model!r} failed: {type(err).__name__}: {err}") from err
     return 0
 
 

@@ -77,6 +77,7 @@ class Engine:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self.on_load_error: Callable[[], None] | None = None  # e.g. stop the HTTP server: nothing to serve
         self.metrics = metrics_factory(self.cache, self.queue_depth, self.active_count) if metrics_factory else None
         budget = cfg.visionzip
         self._budget_key = "all" if budget is None else f"{budget.dominant}+{budget.contextual}@{budget.layer}"
@@ -107,8 +108,10 @@ class Engine:
                 torch.set_num_threads(self.cfg.threads)
             self._load()
         except BaseException as err:  # reported by /health and every request; the thread ends
-            log.exception("loading %s failed", self.cfg.model)
+            log.debug("loading %s failed", self.cfg.model, exc_info=True)
             self.load_error = err
+            if self.on_load_error is not None:
+                self.on_load_error()
             return
         self.ready.set()
         self._loop()
@@ -347,7 +350,7 @@ class Engine:
             hold = max((len(s) - 1 for s in job.stops), default=0)  # a stop string may be starting
             end = len(text.rstrip())  # trailing spaces wait for what follows them
             end = min(end, len(text) - hold)
-            if text[end - 1 : end] == "\ufffd":  # half a UTF-8 character
+            while end > job.sent and text[end - 1] == "\ufffd":  # part of a UTF-8 character: wait for the rest
                 end -= 1
         else:
             text = text.rstrip()

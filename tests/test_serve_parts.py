@@ -179,3 +179,15 @@ def test_a_model_that_does_not_load_stops_the_server_with_status_2():
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "vzedge serve: error: --model '/nonexistent/model' is neither a built-in model" in proc.stderr
+
+
+def test_answer_text_holds_back_what_may_change():
+    from vzedge.serve.engine import answer_text
+
+    assert answer_text(" green", [], False) == ("green", 5, False)
+    assert answer_text(" green ", [], False) == ("green ", 5, False)  # a space waits for what follows it
+    assert answer_text(" green ", [], True) == ("green", 5, False)
+    assert answer_text("gre", ["ee", "x"], False) == ("gre", 2, False)  # "e" may start "ee"
+    assert answer_text("green", ["ee", "x"], False) == ("gr", 2, True)
+    assert answer_text("a x b ee", ["ee", "x"], False) == ("a", 1, True)  # the earliest stop wins
+    assert answer_text("caf\ufffd\ufffd", [], False) == ("caf\ufffd\ufffd", 3, False)  # half of a character

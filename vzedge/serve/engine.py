@@ -61,6 +61,26 @@ class Job:
         return self.arrived + self.timeout_s
 
 
+def answer_text(raw: str, stops: list[str], done: bool) -> tuple[str, int, bool]:
+    """The answer so far from the decoded tokens: (text, how much of it may be sent now, whether a stop string
+    ended it). Leading and, at the end, trailing whitespace are dropped (as `vzedge generate` strips); while
+    decoding, text that may be the start of a stop string, trailing whitespace and partial UTF-8 characters wait."""
+    text = raw.lstrip()
+    stopped = False
+    for stop in stops:  # each cut shortens the text, so the earliest stop wins
+        at = text.find(stop)
+        if at >= 0:
+            text, stopped = text[:at], True
+    if done or stopped:
+        text = text.rstrip()
+        return text, len(text), stopped
+    hold = max((len(s) - 1 for s in stops), default=0)
+    end = min(len(text.rstrip()), len(text) - hold)
+    while end > 0 and text[end - 1] == "\ufffd":
+        end -= 1
+    return text, end, False
+
+
 class Engine:
     """Load the model (in the background), then serve Jobs. `ready` is set once loaded and warmed."""
 
@@ -340,21 +360,10 @@ class Engine:
                 finished = "stop"
             elif len(job.tokens) >= job.max_tokens:
                 finished = "length"
-        text = self.session.llm.tokenizer.decode([t for t in job.tokens if t != eos], skip_special_tokens=True)
-        text = text.lstrip()
-        for stop in job.stops:
-            at = text.find(stop)
-            if at >= 0:
-                text, finished = text[:at], "stop"
-        if finished is None:
-            hold = max((len(s) - 1 for s in job.stops), default=0)  # a stop string may be starting
-            end = len(text.rstrip())  # trailing spaces wait for what follows them
-            end = min(end, len(text) - hold)
-            while end > job.sent and text[end - 1] == "\ufffd":  # part of a UTF-8 character: wait for the rest
-                end -= 1
-        else:
-            text = text.rstrip()
-            end = len(text)
+        raw = self.session.llm.tokenizer.decode([t for t in job.tokens if t != eos], skip_special_tokens=True)
+        text, end, stopped = answer_text(raw, job.stops, finished is not None)
+        if stopped:
+            finished = "stop"
         if end > job.sent:
             job.emit(("delta", text[job.sent : end]))
             job.sent = end

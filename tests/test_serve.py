@@ -464,26 +464,3 @@ def test_all_tokens_queue_limit_and_sigterm_drain(tmp_path):
             httpx.get(f"{s.base}/health", timeout=5)
     finally:
         s.stop()
-
-
-@pytest.mark.slow
-def test_request_timeout(tmp_path):
-    """A request that cannot finish within --timeout gets a 504 naming the fix; the server stays up."""
-    s = Server(tmp_path, "--timeout", "0.5")
-    try:
-        body = {
-            "model": "tiny",
-            "messages": [user(data_url(load_image("demo")), QUESTIONS[0])],
-            "max_tokens": 1500,  # >= 0.3 ms per token would be needed to finish in time
-            "ignore_eos": True,
-        }
-        t0 = time.monotonic()
-        r = httpx.post(f"{s.base}/v1/chat/completions", json=body, timeout=60)
-        assert r.status_code == 504, r.text
-        err = r.json()["error"]
-        assert err["code"] == "timeout" and "--timeout" in err["message"]
-        assert time.monotonic() - t0 < 30
-        assert httpx.get(f"{s.base}/health", timeout=10).status_code == 200
-        assert 'vzedge_requests_total{status="504"} 1.0' in httpx.get(f"{s.base}/metrics", timeout=10).text
-    finally:
-        s.stop()

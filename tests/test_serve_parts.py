@@ -191,3 +191,36 @@ def test_answer_text_holds_back_what_may_change():
     assert answer_text("green", ["ee", "x"], False) == ("gr", 2, True)
     assert answer_text("a x b ee", ["ee", "x"], False) == ("a", 1, True)  # the earliest stop wins
     assert answer_text("caf\ufffd\ufffd", [], False) == ("caf\ufffd\ufffd", 3, False)  # half of a character
+
+
+def test_engine_times_out_a_long_request_and_keeps_serving():
+    """The engine alone (no HTTP): a request past its timeout ends with a 504 naming the fix; the next one runs."""
+    import queue
+
+    from vzedge.images import demo_image
+    from vzedge.serve.config import ServeConfig
+    from vzedge.serve.engine import Engine, Job
+    from vzedge.serve.images import DecodedImage
+
+    engine = Engine(ServeConfig(warmup=False, threads=1))
+    engine.start()
+    try:
+        assert engine.ready.wait(120), engine.load_error
+        image = DecodedImage(demo_image(), "demo", 0)
+
+        def run(max_tokens: int, timeout_s: float) -> tuple[str, object]:
+            events: queue.Queue = queue.Queue()
+            job = Job("USER: ", "\nWhat is it? ASSISTANT:", image, max_tokens, events.put, ignore_eos=True)
+            job.timeout_s = timeout_s
+            engine.submit(job)
+            while True:
+                kind, value = events.get(timeout=120)
+                if kind != "delta":
+                    return kind, value
+
+        kind, err = run(1500, 0.3)  # would need 0.2 ms per token to finish in time
+        assert kind == "error" and err.status == 504 and "--timeout" in err.message
+        kind, info = run(3, 60.0)
+        assert kind == "done" and info["completion_tokens"] == 3 and info["finish_reason"] == "length"
+    finally:
+        engine.stop(30)

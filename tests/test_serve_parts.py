@@ -194,7 +194,8 @@ def test_answer_text_holds_back_what_may_change():
 
 
 def test_engine_times_out_a_long_request_and_keeps_serving():
-    """The engine alone (no HTTP): a request past its timeout ends with a 504 naming the fix; the next one runs."""
+    """The engine alone (no HTTP): a request past its timeout ends with a 504 naming the fix, a failure inside the
+    engine with a 500; the next request runs."""
     import queue
 
     from vzedge.images import demo_image
@@ -222,5 +223,15 @@ def test_engine_times_out_a_long_request_and_keeps_serving():
         assert kind == "error" and err.status == 504 and "--timeout" in err.message
         kind, info = run(3, 60.0)
         assert kind == "done" and info["completion_tokens"] == 3 and info["finish_reason"] == "length"
+
+        def boom(prefix):
+            raise RuntimeError("boom")
+
+        engine.session.llm.copy_prefix = boom  # a failure inside the engine fails that request only
+        kind, err = run(3, 60.0)
+        assert kind == "error" and err.status == 500 and "boom" in err.message
+        del engine.session.llm.copy_prefix
+        kind, info = run(3, 60.0)
+        assert kind == "done" and info["cache_hit"] and info["completion_tokens"] == 3
     finally:
         engine.stop(30)

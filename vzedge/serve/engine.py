@@ -222,10 +222,15 @@ class Engine:
                 room = min(len(self._inbox), self.cfg.max_active - len(self._active))
                 new = [self._inbox.popleft() for _ in range(room)]
             with torch.inference_mode():
-                if new:
-                    self._admit(new)
-                for job in list(self._active):
-                    self._step(job)
+                try:
+                    if new:
+                        self._admit(new)
+                    for job in list(self._active):
+                        self._step(job)
+                except Exception as err:  # a bug must not take the worker down with every later request
+                    log.exception("engine turn failed")
+                    for job in {id(j): j for j in [*new, *self._active]}.values():
+                        self._fail(job, RequestError(f"internal error: {type(err).__name__}: {err}", 500))
 
     # --- work -------------------------------------------------------------------------------------------------
 
@@ -287,8 +292,8 @@ class Engine:
                 log.exception("vision pass failed")
                 for group in misses.values():
                     for job in group:
-                        self._fail(job, RequestError(f"the vision pass failed: {err}", 500, code="internal_error"))
-                live = [j for j in live if j.entry is not None]
+                        if job.entry is None:  # images prefilled before the failure go on
+                            self._fail(job, RequestError(f"the vision pass failed: {err}", 500, code="internal_error"))
         llm = self.session.llm
         for job in live:
             if job.entry is None:

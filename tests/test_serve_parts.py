@@ -172,6 +172,9 @@ def test_image_decoding_hash_and_refusals(tmp_path):
 def test_a_model_that_does_not_load_stops_the_server_with_status_2():
     import socket
 
+    for module in ("fastapi", "uvicorn", "prometheus_client"):
+        pytest.importorskip(module, reason="pip install 'vzedge[serve]'")
+
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

@@ -238,3 +238,17 @@ def test_engine_times_out_a_long_request_and_keeps_serving():
         assert kind == "done" and info["cache_hit"] and info["completion_tokens"] == 3
     finally:
         engine.stop(30)
+
+
+def test_missing_http_stack_names_the_extra():
+    code = (
+        "import sys\n"
+        "sys.modules['fastapi'] = None  # as if it were not installed\n"
+        "from vzedge.serve import ServeConfig, create_app\n"
+        "try:\n"
+        "    create_app(ServeConfig())\n"
+        "except ImportError as err:\n"
+        "    print(err)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
+    assert "fastapi is needed for vzedge serve: pip install 'vzedge[serve]'" in out.stdout

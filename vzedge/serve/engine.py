@@ -113,7 +113,8 @@ class Engine:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        if self._thread is not None:
+        # A thread still loading the model holds no request; it is a daemon and ends with the process.
+        if self._thread is not None and self.ready.is_set():
             self._thread.join(timeout)
 
     def queue_depth(self) -> float:

@@ -57,7 +57,10 @@ def load_session(cfg: RunConfig) -> Session:
 
         load_tuned_projector(cfg.projector, loaded.vlm, cfg.visionzip)
     vision = open_vision_backend(cfg.vision, loaded, cfg.visionzip, cfg.vision_backend, device, cfg.layout)
-    llm = LLMBackend(loaded.vlm, loaded.processor.tokenizer, cfg.template)
+    from vzedge.prompt import question_template
+
+    template = cfg.template if cfg.template is not None else question_template(loaded.processor)
+    llm = LLMBackend(loaded.vlm, loaded.processor.tokenizer, template)
     check_prompt_fits(llm, vision, cfg.prompt, cfg.max_new_tokens, cfg.clip)
     log.info("loaded %s: vision %s (%d tokens), LLM %s", cfg.model, vision.name, vision.num_tokens, cfg.quant)
     return Session(cfg, loaded, vision, llm, device, time.perf_counter() - t0)

@@ -30,7 +30,7 @@ class RunConfig:
     source: str = "demo"
     frames: int | None = None
     prompt: str = "What is in the image?"
-    template: str = "USER: <image>\n{question} ASSISTANT:"
+    template: str | None = None  # None: the model's chat template (vzedge.prompt), as `vzedge generate` uses
     layout: str = "reference"  # anyres models: "reference" (authors') or "newline" arrangement of the crops
     clip: int = 1  # frames per question: each compressed on its own, their tokens concatenated
     policy: str = "latest"
@@ -71,7 +71,7 @@ class RunConfig:
         check_device(self.device)
         if not isinstance(self.image_limits, ImageLimits):
             raise TypeError(f"image_limits must be an ImageLimits, got {type(self.image_limits).__name__}")
-        if "<image>" not in self.template or "{question}" not in self.template:
+        if self.template is not None and ("<image>" not in self.template or "{question}" not in self.template):
             raise ValueError(
                 f"prompt template {self.template!r} needs an <image> placeholder and a {{question}} field, "
                 "e.g. 'USER: <image>\\n{question} ASSISTANT:'"

@@ -73,7 +73,7 @@ def main() -> None:
     session = load_session(cfg)
     if args.llm == "medium":
         _medium_llm(session)
-        session.llm = LLMBackend(session.loaded.vlm, session.loaded.processor.tokenizer, cfg.template)
+        session.llm = LLMBackend(session.loaded.vlm, session.loaded.processor.tokenizer, session.llm.template)
         session.vision = TorchVisionBackend(session.loaded, cfg.visionzip, session.device)
     loop = bench(cfg, session)
 

@@ -13,6 +13,7 @@ from vzedge.encoder import VisionZipEncoder
 from vzedge.flops import summarize
 from vzedge.images import ImageLimits, load_image
 from vzedge.models.loading import LoadedModel, load_config, load_model
+from vzedge.prompt import IMAGE_TOKEN, single_turn
 from vzedge.visionzip import VisionZipConfig
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,26 @@ def show(model: str, image: str, out: str, cfg: VisionZipConfig, limits: ImageLi
     return draw(encoder, pixels, out, title)
 
 
+def resolve_projector(source: str, cfg: VisionZipConfig | None, projector: str | None) -> str | None:
+    """The tuned projector folder to use, or None for the model's own.
+
+    "auto" takes the one shipped for the built-in `tiny` (`source` "builtin:tiny") at this VisionZip config if
+    there is one (54+10); None or "none": the model's own; else `projector` is a `vzedge tune` folder.
+    """
+    if projector == "auto":
+        if cfg is not None and source == "builtin:tiny":
+            from vzedge.models.tiny import tuned_projector_dir
+
+            shipped = tuned_projector_dir(cfg)
+            return str(shipped) if shipped is not None else None
+        return None
+    if projector == "none":
+        return None
+    if projector is not None and cfg is None:
+        raise ValueError("a tuned projector is for VisionZip tokens; drop --no-visionzip, or --projector")
+    return projector
+
+
 @torch.no_grad()
 def generate(
     model: str,
@@ -139,20 +160,10 @@ def generate(
     if loaded.vlm is None or loaded.processor is None:
         raise ValueError(f"{model!r} is a bare vision encoder; generate needs a LLaVA model (e.g. --model tiny)")
     vlm, processor = loaded.vlm, loaded.processor
-    if projector == "auto":
-        projector = None
-        if cfg is not None and loaded.source == "builtin:tiny":
-            from vzedge.models.tiny import tuned_projector_dir
-
-            shipped = tuned_projector_dir(cfg)
-            projector = str(shipped) if shipped is not None else None
-    elif projector == "none":
-        projector = None
-    elif projector is not None and cfg is None:
-        raise ValueError("a tuned projector is for VisionZip tokens; drop --no-visionzip, or --projector")
+    projector = resolve_projector(loaded.source, cfg, projector)
     if cfg is not None:
         apply_visionzip(vlm, cfg, processor, projector=projector)
-    text = prompt if "<image>" in prompt else f"USER: <image>\n{prompt} ASSISTANT:"
+    text = prompt if IMAGE_TOKEN in prompt else single_turn(processor, prompt)
     inputs = processor(images=picture, text=text, return_tensors="pt")
     check_pixels(inputs["pixel_values"])
     image_token_id = vlm.config.image_token_id

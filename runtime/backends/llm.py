@@ -7,8 +7,9 @@ to the prefix instead of being copied.
 
 from __future__ import annotations
 
+import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,12 +40,16 @@ class Answer:
 class LLMBackend:
     """Wraps a LLaVA model's language model, embeddings and LM head (quantized or not)."""
 
-    def __init__(self, vlm: Any, tokenizer: Any, template: str = DEFAULT_TEMPLATE, image_token: str = "<image>"):
+    def __init__(
+        self, vlm: Any, tokenizer: Any, template: str | None = DEFAULT_TEMPLATE, image_token: str = "<image>"
+    ) -> None:
+        template = DEFAULT_TEMPLATE if template is None else template
         if template.count(image_token) != 1 or "{question}" not in template:
             raise ValueError(
                 f"prompt template {template!r} needs exactly one {image_token} placeholder and a {{question}} field"
             )
         self.vlm = vlm
+        self.template = template
         self.tokenizer = tokenizer
         self.lm = vlm.model.language_model
         self.embed = vlm.get_input_embeddings()
@@ -61,14 +66,20 @@ class LLMBackend:
             ids = [self.tokenizer.bos_token_id, *ids]
         return torch.tensor([ids], dtype=torch.long, device=self.device)
 
+    def count_tokens(self, text: str, bos: bool = False) -> int:
+        """Tokens of `text` as the backend feeds it (with BOS first if `bos`)."""
+        return int(self._ids(text, bos=bos).shape[1])
+
     def prompt_length(self, question: str) -> int:
         """Text tokens the template puts around the image for `question` (BOS, prefix and suffix)."""
         suffix = self.suffix_template.format(question=question)
         return int(self._ids(self.prefix_text, bos=True).shape[1] + self._ids(suffix, bos=False).shape[1])
 
     @torch.inference_mode()
-    def prefill_image(self, image_tokens: torch.Tensor) -> Prefix:
-        """KV cache of [BOS + template prefix + image tokens]; image_tokens [1, K, D_llm] or [K, D_llm]."""
+    def prefill_image(self, image_tokens: torch.Tensor, prefix_text: str | None = None) -> Prefix:
+        """KV cache of [BOS + prefix text + image tokens]; image_tokens [1, K, D_llm] or [K, D_llm].
+
+        prefix_text: the prompt before the image (default: the template's)."""
         from transformers import DynamicCache
 
         if image_tokens.dim() == 2:
@@ -79,12 +90,57 @@ class LLMBackend:
                 "export the vision graph with --projector or run the projector first"
             )
         t0 = time.perf_counter()
-        prefix = self.embed(self._ids(self.prefix_text, bos=True))
+        text = self.prefix_text if prefix_text is None else prefix_text
+        prefix = self.embed(self._ids(text, bos=True))
         embeds = torch.cat([prefix, image_tokens.to(self.device, self.dtype)], dim=1)
         cache = DynamicCache(config=self.vlm.config.text_config)
         self.lm(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
         sync(self.device)
         return Prefix(cache=cache, length=embeds.shape[1], prefill_ms=(time.perf_counter() - t0) * 1e3)
+
+    @staticmethod
+    def copy_prefix(prefix: Prefix) -> Prefix:
+        """A private copy of a prefix's KV cache, for decoding several answers from one image at the same time."""
+        return Prefix(cache=copy.deepcopy(prefix.cache), length=prefix.length, prefill_ms=prefix.prefill_ms)
+
+    @torch.inference_mode()
+    def stream(
+        self,
+        prefix: Prefix,
+        text: str,
+        max_new_tokens: int,
+        *,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+        ignore_eos: bool = False,
+    ) -> Iterator[int]:
+        """The answer's token ids one at a time after [prefix + `text`] (`text`: the prompt after the image).
+
+        The first `next()` runs the text prefill. temperature 0 is greedy; above 0 samples (top-p), drawing from
+        `generator` (a CPU generator: the same seed gives the same answer on any device). The prefix cache is
+        extended in place and cropped back to the prefix when the generator ends or is closed.
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        ids = self._ids(text, bos=False)
+        if ids.shape[1] == 0:
+            raise ValueError("the prompt after the image is empty; the template must end with the assistant's turn")
+        cache = prefix.cache
+        try:
+            inputs = self.embed(ids)
+            for _ in range(max_new_tokens):
+                h = self.lm(inputs_embeds=inputs, past_key_values=cache, use_cache=True).last_hidden_state
+                token = sample_token(self.lm_head(h[:, -1])[0], temperature, top_p, generator)
+                del h
+                yield token
+                if token == self.eos_id and not ignore_eos:
+                    return
+                inputs = self.embed(torch.tensor([[token]], device=self.device))
+        finally:
+            extra = cache.get_seq_length() - prefix.length
+            if extra > 0:
+                cache.crop(-extra)
 
     @torch.inference_mode()
     def answer(
@@ -145,3 +201,16 @@ class LLMBackend:
             decode_ms_per_token=(t_end - t_decode) * 1e3 / n_decode,
             first_logits=first_logits,
         )
+
+
+def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    """Greedy (temperature 0) or top-p sampling from `logits` [V]; sampling runs on the CPU in float32."""
+    if temperature <= 0:
+        return int(logits.argmax(-1))
+    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # Keep the smallest set whose mass reaches top_p (the most likely token always stays).
+        sorted_probs[(sorted_probs.cumsum(0) - sorted_probs) >= top_p] = 0.0
+        return int(order[torch.multinomial(sorted_probs, 1, generator=generator)])
+    return int(torch.multinomial(probs, 1, generator=generator))

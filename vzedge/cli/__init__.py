@@ -22,13 +22,13 @@ import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from vzedge.cli import budget, export, model, quant, runtime, tune
+from vzedge.cli import budget, export, model, quant, runtime, serve, tune
 from vzedge.cli import eval as eval_verb  # not `eval`: that name is a builtin
 from vzedge.cli._common import EXIT_BAD_INPUT
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_SIGINT", "EXIT_SIGTERM", "Terminated", "build_parser", "main", "run"]
 
-_GROUPS = (model, export, runtime, eval_verb, quant, budget, tune)
+_GROUPS = (model, export, runtime, eval_verb, quant, budget, tune, serve)
 
 EXIT_SIGINT = 128 + signal.SIGINT  # 130, what shells report for Ctrl-C
 EXIT_SIGTERM = 128 + signal.SIGTERM  # 143

@@ -68,7 +68,24 @@ INT8_THRESHOLDS = ParityThresholds(
     min_index_agreement=0.85,
     min_rows_compared=0.6,
 )
-THRESHOLDS: dict[str, ParityThresholds] = {"fp32": FP32_THRESHOLDS, "fp16": FP16_THRESHOLDS, "int8": INT8_THRESHOLDS}
+# int8-static: the same layers, activations int8 with calibrated per-tensor scales (Q/DQ, for TensorRT). Issue 19's
+# bar: kept-index agreement >= 0.95 and cosine >= 0.995 on the demo and random inputs. Measured (batch 1, scales
+# calibrated on 32 synthetic scenes): kept 0.963-1.0, cosine >= 0.9989, dominant rows <= 1.5% relative on ViT-L and
+# SigLIP-sized encoders, 6.9% on the trained tiny model's random-pixel input (outside the calibrated range, so
+# clipped), contextual <= 3.3%.
+INT8_STATIC_THRESHOLDS = ParityThresholds(
+    max_abs_diff_rtol=0.1,
+    contextual_max_abs_diff_rtol=0.15,
+    min_cosine=0.995,
+    min_index_agreement=0.95,
+    min_rows_compared=0.6,
+)
+THRESHOLDS: dict[str, ParityThresholds] = {
+    "fp32": FP32_THRESHOLDS,
+    "fp16": FP16_THRESHOLDS,
+    "int8": INT8_THRESHOLDS,
+    "int8-static": INT8_STATIC_THRESHOLDS,
+}
 
 
 class ParityError(RuntimeError):

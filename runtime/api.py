@@ -62,6 +62,13 @@ def load_session(cfg: RunConfig) -> Session:
     return Session(cfg, loaded, vision, llm, device, time.perf_counter() - t0)
 
 
+def vision_dtype(vision: VisionBackend) -> str:
+    """The vision graph's precision as its export's manifest records it (fp32, fp16, int8, int8-static), or
+    "torch" for the PyTorch encoder (the LLM's dtype)."""
+    manifest = vision.manifest
+    return str(manifest["graph"]["dtype"]) if manifest else "torch"
+
+
 def _report(session: Session, pipe: Pipeline, sampler: MemorySampler, title: str) -> dict[str, Any]:
     from vzedge.bench import conditions
 
@@ -72,6 +79,7 @@ def _report(session: Session, pipe: Pipeline, sampler: MemorySampler, title: str
         "config": cfg.to_dict(),
         "device": session.device,
         "vision_backend": session.vision.name,
+        "vision_dtype": vision_dtype(session.vision),
         "image_tokens": session.vision.num_tokens,
         "quant": cfg.quant,
         "load_s": round(session.load_s, 3),
@@ -154,6 +162,7 @@ def chat(cfg: RunConfig, questions: list[str], session: Session | None = None) -
     return {
         "image": cfg.source,
         "vision_backend": session.vision.name,
+        "vision_dtype": vision_dtype(session.vision),
         "image_tokens": session.vision.num_tokens,
         "preprocess_ms": round((t1 - t0) * 1e3, 3),
         "vision_ms": round((t2 - t1) * 1e3, 3),

@@ -55,9 +55,10 @@ def _digest(array: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
 
 
-def linear_weights(encoder: VisionZipEncoder) -> tuple[dict[str, str], set[str]]:
+def linear_weights(encoder: VisionZipEncoder, fp32_layers: tuple[int, ...] = ()) -> tuple[dict[str, str], set[str]]:
     """sha256 of every ViT-layer Linear weight as a MatMul stores it (W^T, [in, out], float32) -> module name
-    ("layers.{i}.{path}"), and the names kept fp32: q_proj and k_proj of the selection layer."""
+    ("layers.{i}.{path}"), and the names kept fp32: q_proj and k_proj of the selection layer, and every linear
+    of the layers in `fp32_layers`."""
     tower = encoder.tower
     sel = encoder.layer_index
     by_digest: dict[str, str] = {}
@@ -67,7 +68,7 @@ def linear_weights(encoder: VisionZipEncoder) -> tuple[dict[str, str], set[str]]
             if isinstance(mod, nn.Linear):
                 full = f"layers.{i}.{name}"
                 by_digest[_digest(mod.weight.detach().float().T.numpy())] = full
-                if i == sel and name.split(".")[-1] in SCORE_MODULES:
+                if (i == sel and name.split(".")[-1] in SCORE_MODULES) or i in fp32_layers:
                     keep.add(full)
     return by_digest, keep
 
@@ -115,11 +116,12 @@ def _weight_of(node: Any, inits: dict[str, Any], numpy_helper: Any) -> np.ndarra
     return w
 
 
-def plan_linear_layers(model: Any, encoder: VisionZipEncoder) -> LinearPlan:
+def plan_linear_layers(model: Any, encoder: VisionZipEncoder, fp32_layers: tuple[int, ...] = ()) -> LinearPlan:
     """Find every ViT linear layer in `model` (an onnx.ModelProto with its weights loaded) by structure and
-    weight content; RuntimeError if any is missing, so a changed exporter fails loudly instead of half-quantizing."""
+    weight content; RuntimeError if any is missing, so a changed exporter fails loudly instead of half-quantizing.
+    fp32_layers: ViT layers whose linears all stay fp32 (besides the selection layer's q/k)."""
     onnx = require("onnx", "int8 export")
-    by_digest, keep = linear_weights(encoder)
+    by_digest, keep = linear_weights(encoder, fp32_layers)
     inits = {i.name: i for i in model.graph.initializer}
     plan = LinearPlan()
     for node in model.graph.node:

@@ -148,7 +148,9 @@ def test_int8_exports_at_every_batch_range(model_dirs, name, dtype, max_batch, t
         else:
             assert len(entry["int8"]) == LINEARS_PER_LAYER and not entry["fp32"], entry
     assert f"layers.{sel}.self_attn.q_proj" in q["fp32_modules"]
-    assert q["after"]["bytes"] < 0.7 * q["before"]["bytes"]
+    # int8 weights are 1/4 of fp32; the fp32 rest bounds the ratio. tiny: its projector (and, int8-static, the
+    # first layer) are most of the bytes, measured 0.73; ViT-L/SigLIP-sized: measured <= 0.6.
+    assert q["after"]["bytes"] < (0.8 if name == "tiny" else 0.7) * q["before"]["bytes"]
     proto = onnx.load(str(out / "model.onnx"))
     p = visionzip_precision(proto)
     assert p["TopK"] and all(t == "float32" for t in p["TopK"]) and p["merge_MatMul"] == ["float32/float32"], p

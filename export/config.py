@@ -77,7 +77,7 @@ class ExportConfig:
         if self.dtype == "int8" and self.trt:
             raise ValueError(
                 "--dtype int8 makes a graph for ONNX Runtime on CPU (MatMulInteger), which TensorRT does not build; "
-                "for a TensorRT int8 engine use --dtype int8-static --trt (or fp16 --trt)"
+                "for a TensorRT engine use --dtype int8-static --trt (TensorRT's explicit int8) or --dtype fp16 --trt"
             )
         for name in ("opset", "max_batch", "parity_seed", "calib_n"):
             value = getattr(self, name)

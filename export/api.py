@@ -20,7 +20,7 @@ import torch
 
 from vzedge._deps import require
 from vzedge.encoder import VisionZipEncoder
-from vzedge.export.config import ExportConfig
+from vzedge.export.config import INT8_DTYPES, ExportConfig
 from vzedge.export.manifest import identity, identity_diff, tool_versions, write_manifest
 from vzedge.export.onnx_export import (
     BATCH_DIM,
@@ -219,15 +219,14 @@ def _export_locked(cfg: ExportConfig) -> ExportResult:
     with atomic_dir(cfg.out, replace=True) as tmp:
         onnx_path = tmp / MODEL_FILE
         # int8 starts from the (cleaned-up) fp32 graph in a side folder, so its file names cannot clash.
-        traced = tmp / "fp32" / MODEL_FILE if cfg.dtype == "int8" else onnx_path
+        int8 = cfg.dtype in INT8_DTYPES
+        traced = tmp / "fp32" / MODEL_FILE if int8 else onnx_path
         traced.parent.mkdir(exist_ok=True)
         timing = export_onnx(graph, traced, cfg.opset, cfg.max_batch)
-        slim = slim_onnx(traced) if cfg.slim else {"tool": None, "after": graph_stats(traced)}
+        slim = slim_onnx(traced, keep_matmul=int8) if cfg.slim else {"tool": None, "after": graph_stats(traced)}
         quantization = None
-        if cfg.dtype == "int8":
-            from vzedge.export.quantize import quantize_int8
-
-            quantization = quantize_int8(traced, onnx_path, encoder)
+        if int8:
+            quantization = _quantize(cfg, traced, onnx_path, encoder, loaded, tower)
             quantization["before"] = slim["after"]  # the graph it was quantized from, as measured above
             quantization["after"] = graph_stats(onnx_path)
             shutil.rmtree(traced.parent)
@@ -237,7 +236,9 @@ def _export_locked(cfg: ExportConfig) -> ExportResult:
         proto = onnx.load(str(onnx_path), load_external_data=False)
         opcheck = check_tensorrt_ops(proto).to_dict()
         if cfg.dtype == "int8":
-            opcheck["note"] = "int8 graphs are for ONNX Runtime on CPU; TensorRT engines come from fp16/fp32 exports"
+            opcheck["note"] = (
+                "dynamic int8 graphs are for ONNX Runtime on CPU; TensorRT int8 engines come from int8-static exports"
+            )
         precision = visionzip_precision(proto)
         _check_precision(precision)
         del proto
@@ -304,6 +305,20 @@ def _export_locked(cfg: ExportConfig) -> ExportResult:
     return ExportResult(out=cfg.out, manifest=manifest)
 
 
+def _quantize(
+    cfg: ExportConfig, src: Path, dst: Path, encoder: VisionZipEncoder, loaded: Any, tower: Any
+) -> dict[str, Any]:
+    """The int8 graph of `cfg.dtype` from the slimmed fp32 graph `src` (see vzedge.export.quantize)."""
+    if cfg.dtype == "int8":
+        from vzedge.export.quantize import quantize_int8
+
+        return quantize_int8(src, dst, encoder)
+    from vzedge.export.calibration import calibration_set, quantize_int8_static
+
+    calib = calibration_set(cfg.calib, cfg.calib_n, loaded, tower.image_size, cfg.max_batch)
+    return quantize_int8_static(src, dst, encoder, calib, INPUT_NAME, cfg.max_batch)
+
+
 def _check_precision(precision: dict[str, Any]) -> None:
     """VisionZip's scoring, key norm and merge must be float32 in every graph (the core casts them)."""
     bad = {k: v for k, v in precision.items() if isinstance(v, list) and any("float32" not in t for t in v)}
@@ -325,7 +340,8 @@ def _build_trt(cfg: ExportConfig, tmp: Path, onnx_path: Path, tower: Any, opchec
         input_shape=(tower.num_channels, tower.image_size, tower.image_size),
         max_batch=cfg.max_batch,
         onnx_dtype=cfg.dtype,
-        fp16=True,
+        # int8-static: int8 where the graph has Q/DQ, float32 elsewhere (VisionZip stays fp32, as in ORT).
+        fp16=cfg.dtype != "int8-static",
         workspace_mib=cfg.trt_workspace_mib or DEFAULT_WORKSPACE_MIB,
     )
     return build_engine(trt_cfg, sha256_file(onnx_path))

@@ -9,9 +9,14 @@ from typing import Literal
 
 from vzedge.visionzip import VisionZipConfig
 
-ExportDtype = Literal["fp32", "fp16", "int8"]
+ExportDtype = Literal["fp32", "fp16", "int8", "int8-static"]
 # int8: ViT linear weights int8 with run-time activation scales, for ONNX Runtime on CPU (export/quantize.py).
-DTYPES: tuple[str, ...] = ("fp32", "fp16", "int8")
+# int8-static: Q/DQ around the same layers, activation scales calibrated on images, for TensorRT and ORT
+# (export/calibration.py).
+DTYPES: tuple[str, ...] = ("fp32", "fp16", "int8", "int8-static")
+INT8_DTYPES: tuple[str, ...] = ("int8", "int8-static")
+DEFAULT_CALIB_N = 32
+MAX_CALIB_N = 4096
 
 # LayerNormalization, one per ViT layer, is an ONNX op from opset 17 on; below it the exporter would decompose it
 # into ReduceMean/Pow/Sqrt, whose fp16 Pow overflows on Jetson. 17 is also the newest TensorRT 8.6 parses.
@@ -29,8 +34,11 @@ class ExportConfig:
     model: 'tiny', a local folder or a hub id (a LLaVA-1.5 checkpoint or a bare CLIP/SigLIP vision model).
     projector: append the LLaVA projector, so tokens come out in the LLM's embedding width.
     dtype: weights and activations of the ViT layers; scoring, key normalisation and the merge stay fp32.
-        int8 quantizes the ViT layers' linear weights (activations at run time) for ORT on CPU; see
-        vzedge.export.quantize for what stays fp32.
+        int8 quantizes the ViT layers' linear weights (activations at run time) for ORT on CPU; int8-static
+        puts Q/DQ around the same layers with activation scales calibrated on images (TensorRT's explicit int8);
+        see vzedge.export.quantize for what stays fp32.
+    calib: int8-static only: a folder of images to calibrate the activation scales on (None: the built-in
+        synthetic scenes); calib_n: how many images (the first calib_n files in name order, or scenes).
     max_batch: the largest batch the graph (and the TensorRT profile) accepts; the batch dim is dynamic in [1, max].
     force: replace an `out` that holds a different model's export, or leftovers of an interrupted one.
     projector_weights: a `vzedge tune` folder whose tuned projector replaces the model's (checked against the
@@ -51,6 +59,8 @@ class ExportConfig:
     revision: str | None = None
     parity_seed: int = 0
     projector_weights: Path | None = None
+    calib: Path | None = None
+    calib_n: int = DEFAULT_CALIB_N
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():
@@ -61,13 +71,15 @@ class ExportConfig:
         if not isinstance(self.visionzip, VisionZipConfig):
             raise TypeError(f"visionzip must be a VisionZipConfig, got {type(self.visionzip).__name__}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"dtype={self.dtype!r} is not one of {DTYPES}; use --dtype fp32, fp16 or int8")
+            raise ValueError(
+                f"dtype={self.dtype!r} is not one of {DTYPES}; use --dtype fp32, fp16, int8 or int8-static"
+            )
         if self.dtype == "int8" and self.trt:
             raise ValueError(
                 "--dtype int8 makes a graph for ONNX Runtime on CPU (MatMulInteger), which TensorRT does not build; "
-                "for a TensorRT engine use --dtype fp16 --trt (or fp32), and int8 without --trt for CPU"
+                "for a TensorRT engine use --dtype int8-static --trt (TensorRT's explicit int8) or --dtype fp16 --trt"
             )
-        for name in ("opset", "max_batch", "parity_seed"):
+        for name in ("opset", "max_batch", "parity_seed", "calib_n"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"ExportConfig.{name} must be an int, got {type(value).__name__} {value!r}")
@@ -93,6 +105,19 @@ class ExportConfig:
             if not self.projector:
                 raise ValueError("projector_weights (a tuned projector) needs projector=True; pass --projector DIR")
             object.__setattr__(self, "projector_weights", Path(self.projector_weights))
+        if not 1 <= self.calib_n <= MAX_CALIB_N:
+            raise ValueError(f"calib_n={self.calib_n}: use 1 <= --calib-n <= {MAX_CALIB_N} (e.g. {DEFAULT_CALIB_N})")
+        if self.calib is not None:
+            if self.dtype != "int8-static":
+                raise ValueError(
+                    f"--calib calibrates int8-static activation scales; add --dtype int8-static (not {self.dtype})"
+                )
+            object.__setattr__(self, "calib", Path(self.calib))
+            if not self.calib.is_dir():
+                raise ValueError(
+                    f"--calib {self.calib} is not a folder; pass a folder of images, or omit it for "
+                    "the built-in synthetic scenes"
+                )
         if self.revision is not None and not isinstance(self.revision, str):
             raise TypeError(f"revision must be a string or None, got {type(self.revision).__name__}")
 

@@ -9,15 +9,18 @@ Plain JSON, read by the runtime without importing the exporter. Schema (version 
                        hidden_size, output_width}
     visionzip         {dominant, contextual, layer, merge}; num_tokens = dominant + contextual
     projector         true if tokens are already in the LLM's embedding width
-    graph             {file, external_data (file name or null), opset, dtype ("fp32"|"fp16"|"int8": the ViT
-                       layers; VisionZip scoring and merge are float32 in all),
+    graph             {file, external_data (file name or null), opset, dtype ("fp32"|"fp16"|"int8"|"int8-static":
+                       the ViT layers; VisionZip scoring and merge are float32 in all),
                        inputs/outputs: [{name, shape (ints, "batch" for the dynamic dim), dtype}],
                        batch: {min, max}}
     preprocess        {resize: {mode: "shortest_edge"|"exact", size, resample}, center_crop: [h, w] or null,
                        rescale, mean, std, channel_order "RGB", layout "NCHW", dtype "float32"}
     tools             versions of python, torch, transformers, onnx, onnxruntime, onnxscript, onnxslim, vzedge
     slim, opcheck, precision   graph clean-up figures, the TensorRT op check, fp32 island dtypes
-    quantization      null, or (int8) {method, weights, activations, int8_modules, fp32_modules, ...}
+    quantization      null, or (int8, int8-static) {scheme ("dynamic"|"static-qdq"), method, weights, activations,
+                       int8_matmuls, int8_modules, fp32_modules, fp32_islands ({"layers.i": {int8, fp32}} per ViT
+                       layer), fp32_rest, calibration (null, or {source, images, count, sha256, method}), target,
+                       before/after {nodes, bytes}}
     parity            the gate's thresholds and figures (see vzedge.export.parity)
     tensorrt          null, or {engine, key, tensorrt_version, gpu, fp16, profile, workspace_mib}
     files             {relative path: {sha256, bytes}} for every file of the export but manifest.json

@@ -208,14 +208,21 @@ def graph_stats(path: Path) -> dict[str, int]:
     return {"nodes": len(model.graph.node), "bytes": size}
 
 
-def slim_onnx(path: Path) -> dict[str, Any]:
-    """Clean the graph up in place with onnxslim (constant folding, dead nodes, fusions); report before/after."""
+# onnxslim's MatMul (+ Add, + Mul) -> Gemm fusions, applied where the batch is static (a 2-D MatMul input).
+GEMM_FUSIONS = ("FusionGemm", "FusionGemmAdd", "FusionGemmMul")
+
+
+def slim_onnx(path: Path, keep_matmul: bool = False) -> dict[str, Any]:
+    """Clean the graph up in place with onnxslim (constant folding, dead nodes, fusions); report before/after.
+
+    keep_matmul: skip the Gemm fusions, so every linear layer stays MatMul (+ Add) at every batch size: what
+    the int8 paths quantize (ORT's dynamic quantizer rewrites MatMul only)."""
     onnx = require("onnx", "ONNX graph clean-up")
     onnxslim = require("onnxslim", "ONNX graph clean-up")
     before = graph_stats(path)
     t0 = time.perf_counter()
     model = onnx.load(str(path))
-    slimmed = onnxslim.slim(model)
+    slimmed = onnxslim.slim(model, skip_fusion_patterns=list(GEMM_FUSIONS)) if keep_matmul else onnxslim.slim(model)
     if slimmed is None:
         raise RuntimeError(f"onnxslim returned no model for {path}")
     save_model(slimmed, path)
@@ -228,4 +235,4 @@ def slim_onnx(path: Path) -> dict[str, Any]:
         after["bytes"] / 1e6,
         time.perf_counter() - t0,
     )
-    return {"tool": "onnxslim", "before": before, "after": after}
+    return {"tool": "onnxslim", "before": before, "after": after, "skipped": list(GEMM_FUSIONS) if keep_matmul else []}

@@ -6,6 +6,7 @@ intersection of the support matrices in onnx/onnx-tensorrt `docs/operators.md` f
 branches, restricted to ops a ViT + VisionZip graph can contain. It checks:
 
 - every node is an ONNX-domain op in that list (no custom domains, no ORT contrib ops);
+- Q/DQ (explicit int8): constant scales, int8 zero points of 0, per-channel scales on weights only;
 - TopK's K is a constant (the matrix: "`K` input must be an initializer") and its input is FP32/FP16,
   the types the 8.x matrix lists for TopK and ArgMax;
 - the opset each TensorRT version parses.
@@ -24,15 +25,19 @@ from typing import Any
 TENSORRT_ONNX_OPS: frozenset[str] = frozenset(
     """
     Abs Add And ArgMax ArgMin AveragePool BatchNormalization Cast Ceil Clip Concat Constant ConstantOfShape Conv
-    Cos CumSum Div Einsum Equal Erf Exp Expand Flatten Floor Gather GatherElements GatherND Gelu Gemm
+    Cos CumSum DequantizeLinear Div Einsum Equal Erf Exp Expand Flatten Floor Gather GatherElements GatherND Gelu Gemm
     GlobalAveragePool Greater GreaterOrEqual HardSigmoid Identity If InstanceNormalization LayerNormalization
-    LeakyRelu Less LessOrEqual Log LogSoftmax MatMul Max MaxPool Mean Min Mul Neg Not Or Pad Pow Range
+    LeakyRelu Less LessOrEqual Log LogSoftmax MatMul Max MaxPool Mean Min Mul Neg Not Or Pad Pow QuantizeLinear Range
     Reciprocal ReduceL1 ReduceL2 ReduceLogSumExp ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum
     ReduceSumSquare Relu Reshape Resize ScatterElements ScatterND Shape Sigmoid Sign Sin Size Slice Softmax
     Softplus Split Sqrt Squeeze Sub Sum Tanh Tile TopK Transpose Unsqueeze Where Xor
     """.split()  # noqa: SIM905  (one op per word reads like the source table)
 )
 # Gelu is an ONNX op from opset 20 only; TensorRT 10 parses it, 8.6 never sees it (its opset is <= 17).
+# QuantizeLinear/DequantizeLinear: TensorRT's explicit quantization. Both matrices restrict them to constant
+# scales and zero points of 0 (symmetric int8), and per-channel (`axis`) scales to weights, not activations.
+QDQ_OPS: frozenset[str] = frozenset({"QuantizeLinear", "DequantizeLinear"})
+_INT8 = 3  # onnx.TensorProto.INT8
 
 # Highest opset each TensorRT ONNX parser reads (the same documents).
 TENSORRT_MAX_OPSET: dict[str, int] = {"8.6": 17, "10": 20}
@@ -121,10 +126,43 @@ def check_tensorrt_ops(model: Any) -> OpCheckReport:
                 report.problems.append(
                     f"{node.name}: {node.op_type} on {_TYPE_NAMES.get(t, t)}; TensorRT 8.6 takes FP32/FP16 only"
                 )
+    report.problems += _qdq_problems(model, constants)
     report.tensorrt_versions = [v for v, top in TENSORRT_MAX_OPSET.items() if opset <= top]
     if not report.tensorrt_versions:
         report.problems.append(f"opset {opset} is newer than every TensorRT parser listed ({TENSORRT_MAX_OPSET})")
     return report
+
+
+def _qdq_problems(model: Any, constants: set[str]) -> list[str]:
+    """What TensorRT's parser refuses in Q/DQ nodes: computed scales, non-int8 or non-zero zero points, a
+    per-channel scale on an activation (only constant weights may have one)."""
+    from onnx import numpy_helper
+
+    tensors = {init.name: init for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    tensors[node.output[0]] = attr.t
+    problems = []
+    for node in model.graph.node:
+        if node.op_type not in QDQ_OPS:
+            continue
+        where = f"{node.name or node.op_type}"
+        if len(node.input) < 2 or node.input[1] not in constants:
+            problems.append(f"{where}: {node.op_type} scale is computed; TensorRT needs a constant scale")
+            continue
+        if len(node.input) > 2 and node.input[2]:
+            zp = tensors.get(node.input[2])
+            if zp is None:
+                problems.append(f"{where}: {node.op_type} zero point is computed; TensorRT needs a constant 0")
+            elif zp.data_type != _INT8 or numpy_helper.to_array(zp).any():
+                problems.append(f"{where}: {node.op_type} zero point is not int8 0 (TensorRT is symmetric int8)")
+        scale = tensors.get(node.input[1])
+        per_channel = scale is not None and numpy_helper.to_array(scale).size > 1
+        if per_channel and not (node.op_type == "DequantizeLinear" and node.input[0] in tensors):
+            problems.append(f"{where}: per-channel {node.op_type} on an activation; TensorRT takes it on weights only")
+    return problems
 
 
 def _producers(model: Any) -> dict[str, Any]:

@@ -38,6 +38,9 @@ class ParityThresholds:
     min_cosine: float
     min_index_agreement: float
     min_rows_compared: float
+    # None: min_cosine holds for every compared row. A number: min_cosine holds for the dominant rows and this
+    # one for the contextual rows (a member moved to another group between near-tied keys shifts its average).
+    min_contextual_cosine: float | None = None
 
 
 MAX_ABS_DIFF_ATOL = 1e-6
@@ -68,7 +71,27 @@ INT8_THRESHOLDS = ParityThresholds(
     min_index_agreement=0.85,
     min_rows_compared=0.6,
 )
-THRESHOLDS: dict[str, ParityThresholds] = {"fp32": FP32_THRESHOLDS, "fp16": FP16_THRESHOLDS, "int8": INT8_THRESHOLDS}
+# int8-static: the same layers, activations int8 with calibrated per-tensor scales (Q/DQ, for TensorRT). Issue 19's
+# bar: kept-index agreement >= 0.95 and cosine >= 0.995 on the demo and random inputs; the cosine bar holds for the
+# dominant rows (each a token of the image), contextual rows (averages over ~50 merged tokens) get 0.98. Measured
+# (scales calibrated on 8-32 synthetic scenes): kept 0.963-1.0; dominant cosine >= 0.9989; contextual cosine down
+# to 0.993 where one member changed group; dominant rows <= 1.5% relative on ViT-L and SigLIP-sized encoders, 6.9%
+# on the trained tiny model's random-pixel input (outside the calibrated range, so clipped); contextual rows <= 3.3%,
+# but 18.4% on tiny's demo image through its projector (one member moved group; that row's cosine 0.998).
+INT8_STATIC_THRESHOLDS = ParityThresholds(
+    max_abs_diff_rtol=0.1,
+    contextual_max_abs_diff_rtol=0.25,
+    min_cosine=0.995,
+    min_index_agreement=0.95,
+    min_rows_compared=0.6,
+    min_contextual_cosine=0.98,
+)
+THRESHOLDS: dict[str, ParityThresholds] = {
+    "fp32": FP32_THRESHOLDS,
+    "fp16": FP16_THRESHOLDS,
+    "int8": INT8_THRESHOLDS,
+    "int8-static": INT8_STATIC_THRESHOLDS,
+}
 
 
 class ParityError(RuntimeError):
@@ -86,6 +109,8 @@ class ParityFigures:
     mean_cosine: float
     index_agreement: float
     rows_compared: float
+    dominant_min_cosine: float = -1.0
+    contextual_min_cosine: float = 1.0  # 1.0 where no contextual row was compared
 
     def failures(self, th: ParityThresholds) -> list[str]:
         limit = MAX_ABS_DIFF_ATOL + th.max_abs_diff_rtol * self.max_abs_reference
@@ -95,8 +120,14 @@ class ParityFigures:
             bad.append(f"max_abs_diff {self.max_abs_diff:.3g} > {limit:.3g}")
         if not self.contextual_max_abs_diff <= ctx_limit:
             bad.append(f"contextual max_abs_diff {self.contextual_max_abs_diff:.3g} > {ctx_limit:.3g}")
-        if not self.min_cosine >= th.min_cosine:
-            bad.append(f"min cosine {self.min_cosine:.6f} < {th.min_cosine}")
+        if th.min_contextual_cosine is None:
+            if not self.min_cosine >= th.min_cosine:
+                bad.append(f"min cosine {self.min_cosine:.6f} < {th.min_cosine}")
+        else:
+            if not self.dominant_min_cosine >= th.min_cosine:
+                bad.append(f"dominant min cosine {self.dominant_min_cosine:.6f} < {th.min_cosine}")
+            if not self.contextual_min_cosine >= th.min_contextual_cosine:
+                bad.append(f"contextual min cosine {self.contextual_min_cosine:.6f} < {th.min_contextual_cosine}")
         if not self.index_agreement >= th.min_index_agreement:
             bad.append(f"index agreement {self.index_agreement:.4f} < {th.min_index_agreement}")
         if not self.rows_compared >= th.min_rows_compared:
@@ -134,6 +165,9 @@ def compare(
         min_cos, mean_cos = float(cos.min()), float(cos.mean())
     else:
         min_cos, mean_cos = -1.0, -1.0
+    cosine = torch.nn.functional.cosine_similarity
+    dom_cos = float(cosine(torch.stack(ours), torch.stack(theirs), dim=-1).min()) if ours else -1.0
+    ctx_cos = float(cosine(torch.stack(ctx_ours), torch.stack(ctx_theirs), dim=-1).min()) if ctx_ours else 1.0
     diff = float((torch.stack(ours) - torch.stack(theirs)).abs().max()) if ours else float("inf")
     ctx_diff = float((torch.stack(ctx_ours) - torch.stack(ctx_theirs)).abs().max()) if ctx_ours else 0.0
     return ParityFigures(
@@ -146,6 +180,8 @@ def compare(
         mean_cosine=mean_cos,
         index_agreement=float(agree),
         rows_compared=paired / (rt.shape[0] * rt.shape[1]),
+        dominant_min_cosine=dom_cos,
+        contextual_min_cosine=ctx_cos,
     )
 
 

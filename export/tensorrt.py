@@ -7,8 +7,11 @@ Unverified by a run where this was written (no TensorRT there); tests skip witho
 
 Precision: an fp16 ONNX graph carries its own precision plan (ViT layers fp16, VisionZip float32).
 TensorRT >= 9 builds it as a strongly typed network, which obeys the ONNX types; 8.6 gets the FP16 flag
-plus float32 constraints on every layer whose outputs are float32 in the graph. An fp32 graph builds in
-fp32 unless `fp16=True`, which lets TensorRT pick fp16 anywhere (selection may then flip).
+plus float32 constraints on every layer whose outputs are float32 in the graph. An int8-static graph is
+explicitly quantized (Q/DQ): strongly typed on TensorRT >= 9 (TensorRT's guide: explicit quantization with
+strong typing, no precision flags), the INT8 flag on 8.6; int8 GEMMs where the graph has Q/DQ, float32
+elsewhere. An fp32 graph builds in fp32 unless `fp16=True`, which lets TensorRT pick fp16 anywhere (selection
+may then flip).
 """
 
 from __future__ import annotations
@@ -72,7 +75,17 @@ def gpu_name() -> str:
 
 def engine_key(onnx_sha256: str, trt_version: str, gpu: str, cfg: TensorRTConfig) -> str:
     """Engine cache key: the graph, the TensorRT version, the GPU, and the build settings."""
-    text = "|".join([onnx_sha256, trt_version, gpu, str(cfg.profile()), f"fp16={cfg.fp16}", f"ws={cfg.workspace_mib}"])
+    text = "|".join(
+        [
+            onnx_sha256,
+            trt_version,
+            gpu,
+            str(cfg.profile()),
+            f"fp16={cfg.fp16}",
+            f"ws={cfg.workspace_mib}",
+            cfg.onnx_dtype,
+        ]
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
@@ -122,7 +135,9 @@ def build_engine(cfg: TensorRTConfig, onnx_sha256: str) -> dict[str, Any]:
     builder = trt.Builder(logger)
     major = int(version.split(".")[0])
     strongly_typed = (
-        major >= 9 and cfg.onnx_dtype == "fp16" and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
+        major >= 9
+        and cfg.onnx_dtype in ("fp16", "int8-static")
+        and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
     )
     flags = 0
     if major < 10:
@@ -136,6 +151,8 @@ def build_engine(cfg: TensorRTConfig, onnx_sha256: str) -> dict[str, Any]:
         raise RuntimeError(f"TensorRT could not parse {cfg.onnx}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, cfg.workspace_mib * 1024**2)
+    if not strongly_typed and cfg.onnx_dtype == "int8-static":
+        config.set_flag(trt.BuilderFlag.INT8)  # 8.6: explicit quantization from the graph's Q/DQ, no calibrator
     if not strongly_typed and (cfg.fp16 or cfg.onnx_dtype == "fp16"):
         config.set_flag(trt.BuilderFlag.FP16)
         if cfg.onnx_dtype == "fp16":

@@ -75,6 +75,13 @@ def check_prompt_fits(
     check_context(llm.vlm, llm.prompt_length(question) + vision.num_tokens * clip, max_new_tokens)
 
 
+def vision_dtype(vision: VisionBackend) -> str:
+    """The vision graph's precision as its export's manifest records it (fp32, fp16, int8, int8-static), or
+    "torch" for the PyTorch encoder (the LLM's dtype)."""
+    manifest = vision.manifest
+    return str(manifest["graph"]["dtype"]) if manifest else "torch"
+
+
 def _report(session: Session, pipe: Pipeline, sampler: MemorySampler, title: str) -> dict[str, Any]:
     from vzedge.api import quant_label as _quant_label
     from vzedge.bench import conditions
@@ -86,6 +93,7 @@ def _report(session: Session, pipe: Pipeline, sampler: MemorySampler, title: str
         "config": cfg.to_dict(),
         "device": session.device,
         "vision_backend": session.vision.name,
+        "vision_dtype": vision_dtype(session.vision),
         "image_tokens": session.vision.num_tokens,
         "quant": _quant_label(session.loaded.vlm, cfg.quant),
         "load_s": round(session.load_s, 3),
@@ -170,6 +178,7 @@ def chat(cfg: RunConfig, questions: list[str], session: Session | None = None) -
     return {
         "image": cfg.source,
         "vision_backend": session.vision.name,
+        "vision_dtype": vision_dtype(session.vision),
         "image_tokens": session.vision.num_tokens,
         "preprocess_ms": round((t1 - t0) * 1e3, 3),
         "vision_ms": round((t2 - t1) * 1e3, 3),

@@ -16,7 +16,8 @@ def markdown(report: dict[str, Any]) -> str:
     s = report["summary"]
     f = s["frames"]
     lines = [
-        f"**{report.get('title', 'vzedge run')}** — vision `{report.get('vision_backend')}`, "
+        f"**{report.get('title', 'vzedge run')}** — vision `{report.get('vision_backend')}` "
+        f"({report.get('vision_dtype', 'torch')}), "
         f"{report.get('image_tokens')} image tokens, LLM `{report.get('quant')}` on {report.get('device')}",
         "",
         "| stage | p50 ms | p90 ms | p99 ms | n |",

@@ -5,8 +5,11 @@
 
 Rows, batch 1 and 8: the stock HF encoder (all layers, 577 tokens out), VisionZipEncoder in torch eager
 (fp32, and under CPU bf16 autocast for context: it uses AMX/AVX512-BF16 where the CPU has them), ORT CPU on
-the fp32, fp16 and int8 exports, TensorRT (through ORT's TensorRT EP) where present. Each export's parity
-figures against the fp32 encoder come with it. Also the merge alone, one-hot MatMul vs ScatterElements(add),
+the fp32, fp16, int8 (dynamic) and int8-static (Q/DQ, calibrated on --calib-n synthetic scenes) exports,
+TensorRT (through ORT's TensorRT EP) where present. Each export's size on disk and parity figures against the
+fp32 encoder come with it ("exports"), and each ORT row's kept-index agreement and dominant-row cosine against
+the fp32 encoder on the timed input ("fidelity"). An export that fails its parity gate is recorded, not timed.
+Also the merge alone, one-hot MatMul vs ScatterElements(add),
 both in ORT. JSON on stdout, a Markdown table on stderr.
 """
 
@@ -103,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dominant", type=int, default=54)
     ap.add_argument("--contextual", type=int, default=10)
     ap.add_argument("--no-merge-bench", action="store_true")
-    ap.add_argument("--dtypes", nargs="+", default=["fp32", "fp16", "int8"], choices=["fp32", "fp16", "int8"])
+    dtypes = ["fp32", "fp16", "int8", "int8-static"]
+    ap.add_argument("--dtypes", nargs="+", default=dtypes, choices=dtypes)
+    ap.add_argument("--calib-n", type=int, default=32, help="int8-static: synthetic scenes to calibrate on")
     ap.add_argument("--no-bf16", action="store_true", help="skip the torch bf16-autocast context row")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
@@ -112,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from vzedge._deps import cuda_available, tensorrt_available
     from vzedge.encoder import VisionZipEncoder
-    from vzedge.export import ExportConfig, export_vision
+    from vzedge.export import ExportConfig, ParityError, export_vision
     from vzedge.export.manifest import tool_versions
     from vzedge.models.clip import vit_l14_336_config
     from vzedge.visionzip import VisionZipConfig
@@ -140,17 +145,24 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp_name)
         model.save_pretrained(tmp / "model")
         exports = {}
+        result["exports"] = {}
         for dtype in args.dtypes:
             t0 = time.perf_counter()
-            res = export_vision(
-                ExportConfig(model=str(tmp / "model"), out=tmp / dtype, visionzip=vz, dtype=dtype, max_batch=max_batch)
+            cfg = ExportConfig(
+                model=str(tmp / "model"),
+                out=tmp / dtype,
+                visionzip=vz,
+                dtype=dtype,
+                max_batch=max_batch,
+                calib_n=args.calib_n,
             )
+            try:
+                res = export_vision(cfg)
+            except ParityError as err:  # recorded, so one failing dtype does not hide the others' figures
+                result["exports"][dtype] = {"failed": str(err), "seconds": round(time.perf_counter() - t0, 1)}
+                continue
             exports[dtype] = res.out
-            result[f"export_{dtype}"] = {
-                "seconds": round(time.perf_counter() - t0, 1),
-                "slim": res.manifest["slim"],
-                "parity": res.manifest["parity"]["results"],
-            }
+            result["exports"][dtype] = _export_record(res.manifest, time.perf_counter() - t0)
         encoder = VisionZipEncoder(model, vz).eval()
         sessions = {dtype: _ort_session(out / "model.onnx", threads) for dtype, out in exports.items()}
         trt_session = None
@@ -185,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                 logging.info("timing %s round-robin, batch %d", ", ".join(runs), batch)
                 # Round-robin: load from other processes on a shared machine hits every path alike.
                 row.update(measure_side_by_side(runs, args.warmup, args.iters))
+                row["fidelity"] = _fidelity(encoder, x, sessions)
             if trt_session is None:
                 row["tensorrt"] = {"skipped": trt_note}
             eager = row["visionzip_torch_eager"]["p50"]
@@ -199,6 +212,41 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _export_record(manifest: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """Size on disk, the parity gate's figures and the quantization record of one export."""
+    results = manifest["parity"]["results"]
+    graph = manifest["graph"]
+    files = [graph["file"], *([graph["external_data"]] if graph.get("external_data") else [])]
+    q = manifest["quantization"]
+    return {
+        "seconds": round(seconds, 1),
+        "bytes": sum(manifest["files"][f]["bytes"] for f in files),
+        "kept_agreement_min": min(r["index_agreement"] for r in results),
+        "cosine_min": min(r["dominant_min_cosine"] for r in results),  # dominant rows; all rows in "parity"
+        "tensorrt_op_check": manifest["opcheck"]["ok"],
+        "slim": manifest["slim"],
+        "parity": results,
+        "quantization": {k: v for k, v in q.items() if k != "fp32_islands"} if q else None,
+    }
+
+
+def _fidelity(encoder: Any, x: torch.Tensor, sessions: dict[str, Any]) -> dict[str, Any]:
+    """Each ORT graph against the fp32 encoder on the timed input: kept-index agreement, dominant-row cosine."""
+    from vzedge.export.parity import compare
+
+    ref = encoder(x)
+    out = {}
+    for dtype, sess in sessions.items():
+        tokens, kept = sess.run(None, {"pixel_values": x.numpy()})
+        fig = compare("timed", np.asarray(tokens, dtype=np.float32), kept, ref.tokens, ref.kept_indices)
+        out[f"ort_cpu_{dtype}"] = {
+            "kept_agreement": round(fig.index_agreement, 4),
+            "dominant_cosine_min": fig.dominant_min_cosine,
+            "cosine_min": fig.min_cosine,
+        }
+    return out
+
+
 def _markdown(result: dict[str, Any]) -> None:
     lines = ["| batch | path | p50 ms | p90 ms | x vs VisionZip torch |", "|---|---|---|---|---|"]
     for row in result["rows"]:
@@ -206,6 +254,23 @@ def _markdown(result: dict[str, Any]) -> None:
             if isinstance(v, dict) and "p50" in v:
                 speed = row["speedup_vs_visionzip_torch_p50"][name]
                 lines.append(f"| {row['batch']} | {name} | {v['p50']} | {v['p90']} | {speed} |")
+    # One line per export: latency at each batch, size on disk, the gate's worst kept-index agreement and cosine.
+    batches = [row["batch"] for row in result["rows"]]
+    head = " | ".join(f"batch {b} p50 (p90) ms" for b in batches)
+    lines += ["", f"| ORT CPU graph | {head} | MB on disk | kept indices (gate) | dominant cosine min (gate) |"]
+    lines.append("|---" * (4 + len(batches)) + "|")
+    for dtype, rec in result.get("exports", {}).items():
+        if "failed" in rec:
+            lines.append(f"| {dtype} | failed its parity gate: {rec['failed']} |")
+            continue
+        cells = []
+        for row in result["rows"]:
+            v = row.get(f"ort_cpu_{dtype}")
+            cells.append(f"{v['p50']} ({v['p90']})" if v else "-")
+        lines.append(
+            f"| {dtype} | {' | '.join(cells)} | {rec['bytes'] / 1e6:.0f} | {rec['kept_agreement_min']:.3f} | "
+            f"{rec['cosine_min']:.4f} |"
+        )
     print("\n".join(lines), file=sys.stderr)
 
 

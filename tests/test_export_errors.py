@@ -33,7 +33,7 @@ def _fake_manifest(folder: Path, source: str = "someone/other-model") -> None:
 def test_config_validation():
     with pytest.raises(ValueError, match="opset 13 is too old: LayerNormalization"):
         ExportConfig(model="tiny-random", out="x", opset=13)
-    with pytest.raises(ValueError, match="use --dtype fp32, fp16 or int8"):
+    with pytest.raises(ValueError, match="use --dtype fp32, fp16, int8 or int8-static"):
         ExportConfig(model="tiny-random", out="x", dtype="int4")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="--max-batch"):
         ExportConfig(model="tiny-random", out="x", max_batch=0)

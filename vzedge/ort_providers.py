@@ -20,9 +20,12 @@ def ort_tensorrt_providers(
     max_batch: int,
     fp16: bool = True,
     workspace_mib: int = DEFAULT_WORKSPACE_MIB,
+    int8: bool = False,
 ) -> list[Any]:
     """Providers for onnxruntime.InferenceSession running a graph through ORT's TensorRT execution provider
-    (engine and timing caches in `cache_dir`, one profile over the batch range), with CUDA then CPU as fallback."""
+    (engine and timing caches in `cache_dir`, one profile over the batch range), with CUDA then CPU as fallback.
+    int8: the graph is explicitly quantized (an int8-static export's Q/DQ), which TensorRT builds with its INT8
+    flag; the scales come from the graph, so no calibration table is named."""
     c, h, w = input_shape
 
     def shape(b: int) -> str:
@@ -39,6 +42,8 @@ def ort_tensorrt_providers(
         "trt_profile_opt_shapes": shape(1),
         "trt_profile_max_shapes": shape(max_batch),
     }
+    if int8:
+        options["trt_int8_enable"] = True
     return [("TensorrtExecutionProvider", options), "CUDAExecutionProvider", "CPUExecutionProvider"]
 
 

@@ -31,6 +31,14 @@ class OrtVisionBackend(VisionBackend):
         self.preprocess = Preprocess.from_manifest(manifest["preprocess"])
         self.max_batch = int(graph.get("batch", {}).get("max", 1))
         available = ort.get_available_providers()
+        # The graph's precision comes from the manifest: it decides which execution providers can run it.
+        self.dtype = str(graph.get("dtype", "fp32"))
+        if self.dtype == "int8" and backend == "ort-trt":
+            raise ValueError(
+                f"{folder} is a dynamic int8 export (MatMulInteger), which TensorRT does not parse: ORT would split "
+                "the graph at every int8 layer. Use --vision-backend ort-cpu, or export --dtype int8-static "
+                "(TensorRT's explicit int8) or fp16 for TensorRT"
+            )
         if backend == "ort-trt":
             if "TensorrtExecutionProvider" not in available:
                 raise ValueError(
@@ -38,7 +46,9 @@ class OrtVisionBackend(VisionBackend):
                     "with TensorRT"
                 )
             h, w = self.preprocess.output_size
-            providers = ort_tensorrt_providers(folder / "trt_cache", self.input_name, (3, h, w), self.max_batch)
+            providers = ort_tensorrt_providers(
+                folder / "trt_cache", self.input_name, (3, h, w), self.max_batch, int8=self.dtype == "int8-static"
+            )
         else:
             providers = providers_for(backend, available)
         opts = ort.SessionOptions()
@@ -57,7 +67,7 @@ class OrtVisionBackend(VisionBackend):
         # An export without --projector gives vision-width tokens: the LLM model's projector runs after it.
         self.projector = projector.projector if projector is not None else None
         self.projected = True if projector is not None else bool(manifest["projector"])
-        log.info("ORT vision graph %s on %s", graph["file"], self.providers)
+        log.info("ORT vision graph %s (%s) on %s", graph["file"], self.dtype, self.providers)
 
     @torch.inference_mode()
     def encode_with_kept(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -40,7 +40,9 @@ class BudgetConfig:
     LLaVA-1.5); context: the longest sequence the LLM holds (image tokens + prompt + answer);
     prompt_tokens: text tokens prefilled with the image; dtype 'auto': fp16 on a GPU profile, fp32 on the host
     CPU (as vzedge.quant does); crops: images per prompt through the vision tower (None: 1, or LLaVA-NeXT's
-    largest anyres grid + base); headroom_gib: memory that must stay free for the verdict 'fits'."""
+    largest anyres grid + base); headroom_gib: memory that must stay free for the verdict 'fits';
+    vision_export: an export folder (`vzedge export --out`) whose manifest gives the vision graph's dtype and its
+    size on disk, instead of assuming an fp16 graph (with the default vision_backend 'torch', it means 'ort')."""
 
     model: str = "tiny"
     quant: str = "none"
@@ -60,6 +62,7 @@ class BudgetConfig:
     devices_file: str | None = None
     headroom_gib: float = 0.0
     cpu_packed: bool | None = None  # bitsandbytes' CPU 4-bit repack; None: applies on the host CPU only
+    vision_export: str | None = None
 
     def __post_init__(self) -> None:
         self.quant = QUANT_ALIASES.get(self.quant, self.quant)
@@ -80,6 +83,8 @@ class BudgetConfig:
             )
         if self.dtype not in ("auto", *DTYPE_BYTES):
             raise ValueError(f"dtype {self.dtype!r} is not one of auto, {', '.join(DTYPE_BYTES)}")
+        if self.vision_export is not None and self.vision_backend == "torch":
+            self.vision_backend = "ort"  # an export folder is run by ORT unless trt was asked for
         if self.vision_backend not in VISION_BACKENDS:
             raise ValueError(f"vision backend {self.vision_backend!r} is not one of {', '.join(VISION_BACKENDS)}")
         if self.attention not in ("sdpa", "eager"):
@@ -214,6 +219,33 @@ def decode_transient(s: ModelShapes, context: int, batch: int, fb: int) -> int:
     return one_layer + batch * (s.vocab * 4 + (3 * s.intermediate + 4 * s.hidden) * fb)
 
 
+def vision_graph_component(cfg: BudgetConfig, shapes: ModelShapes) -> Component:
+    """The exported vision graph's weights: from the export's manifest (its dtype and files on disk) where
+    `cfg.vision_export` names one, else an fp16 graph of the computed layers + projector."""
+    layers = f"layers 1-{shapes.v_layers_computed} of {shapes.v_layers}"
+    if cfg.vision_export is None:
+        graph = (shapes.vision_params_graph + shapes.projector_params) * 2
+        return Component("vision_graph", graph, f"exported graph in fp16 (assumed): {layers} + projector")
+    from vzedge.manifest import read_manifest
+
+    manifest = read_manifest(cfg.vision_export)
+    g = manifest["graph"]
+    files = manifest.get("files", {})
+    names = [g["file"], *([g["external_data"]] if g.get("external_data") else [])]
+    missing = [n for n in names if n not in files]
+    if missing:
+        raise ValueError(f"{cfg.vision_export}: the manifest lists no size for {missing}; re-export the folder")
+    size = sum(int(files[n]["bytes"]) for n in names)
+    scheme = (manifest.get("quantization") or {}).get("scheme")
+    dtype = f"{g['dtype']} ({scheme})" if scheme else g["dtype"]
+    projector = " + projector" if manifest.get("projector") else ""
+    return Component(
+        "vision_graph",
+        size,
+        f"exported graph in {dtype}, {size / 2**20:.1f} MiB on disk ({cfg.vision_export}){projector}",
+    )
+
+
 def estimate(cfg: BudgetConfig, device: DeviceProfile | None = None, shapes: ModelShapes | None = None) -> Estimate:
     """Every memory component of `cfg` on its device, the verdict, and the speed bounds."""
     if device is None:
@@ -252,14 +284,7 @@ def estimate(cfg: BudgetConfig, device: DeviceProfile | None = None, shapes: Mod
         Component("vision_weights", vision_torch, f"CLIP/SigLIP tower + projector in {dtype} (PyTorch)"),
     ]
     if cfg.vision_backend in ("ort", "trt"):
-        graph = (shapes.vision_params_graph + shapes.projector_params) * 2
-        comps.append(
-            Component(
-                "vision_graph",
-                graph,
-                f"exported graph in fp16: layers 1-{shapes.v_layers_computed} of {shapes.v_layers} + projector",
-            )
-        )
+        comps.append(vision_graph_component(cfg, shapes))
     comps.append(
         Component(
             "kv_cache",

@@ -30,6 +30,7 @@ def _cmd_budget(args: argparse.Namespace) -> int:
         device=args.device,
         devices_file=args.devices,
         headroom_gib=args.headroom,
+        vision_export=args.vision,
     )
     if args.json:
         from vzedge.io import check_writable_file
@@ -81,6 +82,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--crops", type=int, default=None, help="crops per image (default: 1, LLaVA-NeXT's largest grid)")
     p.add_argument("--dtype", default="auto", help="auto (fp16 on GPUs, fp32 on the host CPU), fp32, fp16, bf16")
     p.add_argument("--vision-backend", default="torch", choices=("torch", "ort", "trt"))
+    p.add_argument(
+        "--vision",
+        default=None,
+        metavar="DIR",
+        help="an export folder: the vision graph's dtype and size come from its manifest (means --vision-backend ort)",
+    )
     p.add_argument("--attention", default="sdpa", choices=("sdpa", "eager"))
     p.add_argument("--trt-workspace-mib", type=int, default=1024)
     p.add_argument("--device", default="orin-nano-8gb", help="a device profile id, or 'host' (this machine)")

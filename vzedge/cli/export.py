@@ -25,6 +25,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         trt_workspace_mib=args.trt_workspace_mib,
         force=args.force,
         revision=args.revision,
+        calib=args.calib,
+        calib_n=args.calib_n,
     )
     try:
         result = export_vision(cfg)
@@ -53,6 +55,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
         f"tensorrt    op check {'ok' if op['ok'] else 'FAILED: ' + '; '.join(op['problems'])} "
         f"(parsers: {', '.join(op['tensorrt_versions']) or 'none'})"
     )
+    if q := m["quantization"]:
+        cal = q.get("calibration")
+        where = f", calibrated on {cal['count']} inputs ({cal['source']})" if cal else ""
+        print(f"int8        {q['scheme']}: {q['int8_modules']} linear layers int8, fp32 {q['fp32_modules']}{where}")
     if trt := m["tensorrt"]:
         print(f"tensorrt    engine {trt['engine']} ({trt['tensorrt_version']}, {trt['gpu']})")
     return 0
@@ -72,10 +78,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--dtype",
-        choices=("fp32", "fp16", "int8"),
+        choices=("fp32", "fp16", "int8", "int8-static"),
         default="fp32",
-        help="fp32 (default); fp16 (GPU, TensorRT); int8: ViT linear weights int8, for ONNX Runtime on CPU",
+        help="fp32 (default); fp16 (GPU, TensorRT); int8: ViT linear layers int8 with run-time activation scales, "
+        "for ONNX Runtime on CPU; int8-static: Q/DQ int8 calibrated on images, for TensorRT (and ORT)",
     )
+    p.add_argument(
+        "--calib",
+        default=None,
+        metavar="DIR",
+        help="int8-static: a folder of images to calibrate activation scales on (default: built-in synthetic scenes)",
+    )
+    p.add_argument("--calib-n", type=int, default=32, help="int8-static: calibration images (default 32)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (17 for TensorRT 8.6; default 18)")
     p.add_argument("--max-batch", type=int, default=8, help="largest batch the graph accepts (default 8)")
     p.add_argument("--trt", action="store_true", help="also build a TensorRT engine (needs vzedge[trt] and a GPU)")

@@ -10,13 +10,13 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from vzedge.cli import budget, export, model, quant, runtime, tune
+from vzedge.cli import budget, export, model, quant, runtime, tune, vllm
 from vzedge.cli import eval as eval_verb  # not `eval`: that name is a builtin
 from vzedge.cli._common import EXIT_BAD_INPUT
 
 __all__ = ["EXIT_BAD_INPUT", "build_parser", "main", "run"]
 
-_GROUPS = (model, export, runtime, eval_verb, quant, budget, tune)
+_GROUPS = (model, export, runtime, eval_verb, quant, budget, tune, vllm)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,379 @@
+"""The vLLM plugin and launcher.
+
+Plain tests (settings, version gate, command line) run everywhere. The ones that run vLLM need the separate
+vLLM environment built by `scripts/vllm_cpu_env.sh VENV` and `VZEDGE_VLLM_PYTHON=VENV/bin/python`; they skip
+without it. vLLM runs in a subprocess with that interpreter (it pins its own transformers); answers are
+compared with `vzedge generate` run here, greedy, token for token.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from vzedge.visionzip import VisionZipConfig
+from vzedge.vllm.config import (
+    ARCHITECTURE,
+    PluginSettings,
+    hf_overrides,
+    settings_from_dict,
+    settings_from_hf_config,
+)
+from vzedge.vllm.launch import VLLMServeConfig, build_command
+from vzedge.vllm.plugin import check_vllm_version
+
+ROOT = Path(__file__).resolve().parents[1]
+VLLM_PYTHON = os.environ.get("VZEDGE_VLLM_PYTHON", "")
+needs_vllm = pytest.mark.skipif(
+    not (VLLM_PYTHON and Path(VLLM_PYTHON).is_file()),
+    reason="no vLLM environment: build one with scripts/vllm_cpu_env.sh VENV, set VZEDGE_VLLM_PYTHON=VENV/bin/python",
+)
+QUESTIONS = ["What colour is the triangle?", "What shape is red?", "How many shapes are there?"]
+MAX_TOKENS = 8
+START_TIMEOUT_S = 300  # vLLM start on 2 shared cores: ~40 s idle
+TUNED = str(ROOT / "vzedge" / "models" / "weights" / "tiny-projector-54+10")
+
+
+def vllm_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default (4) is more than these tests need
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{max(0, (os.cpu_count() or 1) - 1)}")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+# --- settings, version gate, command line (no vLLM) -------------------------------------------------------
+
+
+def test_overrides_round_trip():
+    settings = PluginSettings(VisionZipConfig(dominant=24, contextual=4, layer=-3, merge="mean"), TUNED)
+    over = hf_overrides(settings)
+    assert over["architectures"] == [ARCHITECTURE]
+    assert json.loads(json.dumps(over))["visionzip"] == {
+        "dominant": 24,
+        "contextual": 4,
+        "layer": -3,
+        "merge": "mean",
+        "projector": TUNED,
+    }
+
+    class HFConfig:  # what vLLM builds: every --hf-overrides key becomes an attribute
+        visionzip = over["visionzip"]
+
+    assert settings_from_hf_config(HFConfig()) == settings
+    assert settings_from_hf_config(object()).visionzip == VisionZipConfig()  # no key: 54 + 10
+
+
+@pytest.mark.parametrize(
+    ("raw", "error", "match"),
+    [
+        ([54, 10], TypeError, "must be an object"),
+        ({"dominant": 54, "tokens": 64}, ValueError, "unknown keys \\['tokens'\\]"),
+        ({"dominant": 0, "contextual": 0}, ValueError, "keep at least one token"),
+        ({"merge": "max"}, ValueError, "merge='max'"),
+        ({"projector": 3}, TypeError, "folder path"),
+        ({"projector": "/nonexistent"}, ValueError, "no tune_config.json"),
+    ],
+)
+def test_bad_overrides_are_refused(raw, error, match):
+    with pytest.raises(error, match=match):
+        settings_from_dict(raw)
+
+
+@pytest.mark.parametrize("version", ["0.32.0", "0.32.0+cpu", "0.32.3.dev4"])
+def test_tested_vllm_versions_pass(version):
+    check_vllm_version(version)
+
+
+@pytest.mark.parametrize("version", ["0.31.2", "0.33.0", "1.0.0"])
+def test_untested_vllm_versions_are_refused(version):
+    with pytest.raises(RuntimeError, match=r"tested with vLLM .*0\.32.*pip install"):
+        check_vllm_version(version)
+
+
+def _flag(cmd: list[str], name: str) -> str:
+    return cmd[cmd.index(name) + 1]
+
+
+def test_command_translates_vzedge_flags():
+    cfg = VLLMServeConfig(
+        model="tiny",
+        visionzip=VisionZipConfig(54, 10),
+        port=8123,
+        api_key="secret",
+        max_model_len=2048,
+        python="/venv/bin/python",
+        vllm_args=["--tensor-parallel-size", "2", "--mm-encoder-tp-mode", "data"],
+    )
+    cmd = build_command(cfg)
+    assert cmd[:3] == ["/venv/bin/python", "-m", "vllm.entrypoints.openai.api_server"]
+    assert Path(_flag(cmd, "--model")).joinpath("config.json").is_file()  # tiny -> the shipped folder
+    assert _flag(cmd, "--served-model-name") == "tiny"
+    assert (_flag(cmd, "--host"), _flag(cmd, "--port")) == ("127.0.0.1", "8123")
+    assert _flag(cmd, "--api-key") == "secret"
+    assert _flag(cmd, "--max-model-len") == "2048"
+    over = json.loads(_flag(cmd, "--hf-overrides"))
+    assert over["architectures"] == [ARCHITECTURE]
+    assert over["visionzip"]["projector"] == str(Path(TUNED).resolve())  # auto: shipped tuned one for tiny, 54+10
+    assert cmd[-4:] == ["--tensor-parallel-size", "2", "--mm-encoder-tp-mode", "data"]
+    # Another budget has no shipped projector; `none` and stock never pass one.
+    assert (
+        "projector"
+        not in json.loads(_flag(build_command(VLLMServeConfig("tiny", VisionZipConfig(24, 4))), "--hf-overrides"))[
+            "visionzip"
+        ]
+    )
+    stock = build_command(VLLMServeConfig("tiny", mode="stock"))
+    assert "--hf-overrides" not in stock and "--enable-mm-embeds" not in stock
+    assert "--enable-mm-embeds" in build_command(VLLMServeConfig("tiny", mode="embeds"))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(mode="fast"), "mode='fast'"),
+        (dict(port=0), "not a TCP port"),
+        (dict(max_model_len=0), "positive context"),
+        (dict(mode="stock", projector="/x"), "needs mode='visionzip'"),
+        (dict(vllm_args=["--port", "1"]), "repeat flags"),
+        (dict(vllm_args=["--max-model-len=9"]), "repeat flags"),
+    ],
+)
+def test_bad_serve_configs_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        VLLMServeConfig("tiny", **kwargs)
+
+
+def test_cli_prints_the_command_and_refuses_bad_input():
+    from vzedge.cli import run
+
+    assert run(["serve-vllm", "--model", "tiny", "--print-command", "--vllm-args", "--max-num-seqs 2"]) == 0
+    assert run(["serve-vllm", "--model", "tiny-random", "--print-command"]) == 2  # no folder for vLLM
+    assert run(["serve-vllm", "--model", "tiny", "--vllm-args", "--port 9", "--print-command"]) == 2
+
+
+def test_serving_without_vllm_names_the_extra(monkeypatch):
+    import importlib.util
+
+    from vzedge.vllm import launch
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    with pytest.raises(ImportError, match=r"vzedge\[vllm\]"):
+        launch.start_vllm(VLLMServeConfig("tiny"))
+
+
+# --- vLLM itself (separate environment) -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def generate_answers():
+    """`vzedge generate` (transformers, this environment) on the demo image: the reference answers."""
+    from vzedge.api import generate
+
+    return {q: generate("tiny", "demo", q, VisionZipConfig(), max_new_tokens=MAX_TOKENS) for q in QUESTIONS}
+
+
+@needs_vllm
+def test_plugin_import_is_lean_and_registers():
+    code = (
+        "import sys, json\n"
+        "import vzedge, vzedge.vllm.launch, vzedge.vllm.config, vzedge.vllm.plugin\n"
+        "lean = 'vllm' not in sys.modules\n"
+        "from vllm.plugins import load_general_plugins\n"
+        "load_general_plugins()\n"
+        "from vllm import ModelRegistry\n"
+        "print(json.dumps({'lean': lean, 'registered': "
+        f"{ARCHITECTURE!r} in ModelRegistry.get_supported_archs()}}))\n"
+    )
+    out = subprocess.run([VLLM_PYTHON, "-c", code], capture_output=True, text=True, timeout=180, env=vllm_env())
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"lean": True, "registered": True}
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_offline_plugin_matches_generate(generate_answers):
+    cmd = [VLLM_PYTHON, str(ROOT / "tests" / "vllm_offline.py"), "--questions", json.dumps(QUESTIONS)]
+    cmd += ["--projector", TUNED, "--max-tokens", str(MAX_TOKENS)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=420, env=vllm_env())
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("VZEDGE_JSON ")]
+    assert out.returncode == 0 and lines, out.stderr[-4000:]
+    results = json.loads(lines[-1].removeprefix("VZEDGE_JSON "))
+    for r in results:
+        ref = generate_answers[r["question"]]
+        assert ref["image_tokens"] == 64 and r["image_tokens"] == 64
+        assert r["prompt_tokens"] == ref["prompt_tokens"]
+        assert r["answer"] == ref["answer"], (r, ref)
+    assert generate_answers[QUESTIONS[0]]["answer"] == "blue"  # the tuned projector is in use on both sides
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(proc: subprocess.Popen, port: int, log_path: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1.0)
+    pytest.fail(f"the server did not become healthy in {START_TIMEOUT_S} s:\n{log_path.read_text()[-4000:]}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)  # the CLI passes it on; vLLM shuts its engine down
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # its own session: the CLI, vLLM and vLLM's children
+            proc.wait(timeout=30)
+
+
+def start_cli_server(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, int, Path]:
+    """`vzedge serve-vllm ...` as a user runs it, in its own session; returns (process, port, log)."""
+    port = _free_port()
+    log_path = tmp_path / "server.log"
+    cmd = [sys.executable, "-m", "vzedge", "serve-vllm", "--port", str(port), "--vllm-python", VLLM_PYTHON]
+    cmd += ["--context", "1024", "--dtype", "float32", *args]
+    cmd += ["--vllm-args", shlex.join(["--max-num-seqs", "4", "--enforce-eager", "--seed", "0"])]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=vllm_env(), start_new_session=True)
+    try:
+        _wait_healthy(proc, port, log_path)
+    except BaseException:
+        _stop(proc)
+        raise
+    return proc, port, log_path
+
+
+def demo_image_url() -> str:
+    from vzedge.images import load_image
+
+    buf = io.BytesIO()
+    load_image("demo").save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def image_message(question: str, url: str) -> list[dict]:
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}]
+    return [{"role": "user", "content": content}]
+
+
+@pytest.fixture(scope="module")
+def visionzip_server(tmp_path_factory):
+    if not (VLLM_PYTHON and Path(VLLM_PYTHON).is_file()):
+        pytest.skip("no vLLM environment (VZEDGE_VLLM_PYTHON)")
+    proc, port, log_path = start_cli_server(tmp_path_factory.mktemp("vllm"), "--model", "tiny", "--api-key", "k3y")
+    yield port, log_path
+    _stop(proc)
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_server_answers_like_generate_on_64_tokens(visionzip_server, generate_answers):
+    import openai
+
+    port, _ = visionzip_server
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k3y", timeout=120, max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    url = demo_image_url()
+    for q in QUESTIONS:
+        ref = generate_answers[q]
+        # add_special_tokens: the chat path leaves out BOS by default; `generate`'s processor adds it.
+        r = client.chat.completions.create(
+            model="tiny",
+            messages=image_message(q, url),
+            temperature=0,
+            max_tokens=MAX_TOKENS,
+            extra_body={"add_special_tokens": True},
+        )
+        assert r.usage.prompt_tokens == ref["prompt_tokens"]  # same text; 64 image tokens on both sides
+        assert r.choices[0].message.content.strip() == ref["answer"]
+    # Without BOS: one token fewer, and the image tokens are still 64 (text tokens counted by the tokenizer).
+    from vzedge.models.loading import load_model
+    from vzedge.models.tiny import PROMPT_TEMPLATE
+
+    tok = load_model("tiny").processor.tokenizer
+    text_tokens = len(tok(PROMPT_TEMPLATE.format(question=QUESTIONS[0]), add_special_tokens=False).input_ids) - 1
+    r = client.chat.completions.create(
+        model="tiny", messages=image_message(QUESTIONS[0], url), temperature=0, max_tokens=MAX_TOKENS
+    )
+    assert r.usage.prompt_tokens - text_tokens == 64
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_server_refuses_bad_requests(visionzip_server):
+    import openai
+
+    port, _ = visionzip_server
+    base = f"http://127.0.0.1:{port}/v1"
+    client = openai.OpenAI(base_url=base, api_key="k3y", timeout=60, max_retries=0)
+    text = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=base, api_key="wrong", max_retries=0).chat.completions.create(
+            model="tiny", messages=text, max_tokens=2
+        )
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="llava", messages=text, max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="image"):
+        client.chat.completions.create(
+            model="tiny", messages=image_message("x", "data:image/png;base64,AAAA"), max_tokens=2
+        )
+    with pytest.raises(openai.BadRequestError, match="context length"):
+        client.chat.completions.create(model="tiny", messages=image_message("x" * 2000, demo_image_url()), max_tokens=2)
+    # The server is still healthy afterwards.
+    r = client.chat.completions.create(model="tiny", messages=text, max_tokens=2, temperature=0)
+    assert r.usage.completion_tokens >= 1
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_server_answers_concurrent_requests(visionzip_server, generate_answers):
+    import openai
+
+    port, _ = visionzip_server
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k3y", timeout=180, max_retries=0)
+    url = demo_image_url()
+    n = 8
+
+    def ask(i: int):
+        q = QUESTIONS[i % len(QUESTIONS)]
+        r = client.chat.completions.create(
+            model="tiny",
+            messages=image_message(q, url),
+            temperature=0,
+            max_tokens=MAX_TOKENS,
+            extra_body={"add_special_tokens": True},
+        )
+        return q, r.choices[0].message.content.strip(), r.usage.prompt_tokens
+
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        results = list(pool.map(ask, range(n), timeout=240))
+    assert len(results) == n
+    for q, answer, prompt_tokens in results:
+        assert answer == generate_answers[q]["answer"]
+        assert prompt_tokens == generate_answers[q]["prompt_tokens"]

@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 
 from vzedge.visionzip import VisionZipConfig
 from vzedge.vllm.config import (
@@ -176,6 +177,30 @@ def test_serving_without_vllm_names_the_extra(monkeypatch):
         launch.start_vllm(VLLMServeConfig("tiny"))
 
 
+def test_stock_layout_copy_of_a_transformers5_folder(tmp_path):
+    from safetensors import safe_open
+
+    from vzedge.models.tiny import weights_dir
+    from vzedge.vllm.layout import needs_conversion, stock_layout_folder, stock_name
+
+    assert stock_name("vision_tower.encoder.layers.0.mlp.fc1.weight") == (
+        "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"
+    )
+    assert stock_name("model.vision_tower.vision_model.embeddings.x") == "model.vision_tower.vision_model.embeddings.x"
+    assert stock_name("language_model.model.embed_tokens.weight") == "language_model.model.embed_tokens.weight"
+    src = weights_dir()
+    assert needs_conversion(src)
+    out = stock_layout_folder(src, tmp_path)
+    assert out.parent == tmp_path and not needs_conversion(out)
+    assert stock_layout_folder(src, tmp_path) == out  # cached
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in src.iterdir())
+    with safe_open(str(src / "model.safetensors"), "pt") as a, safe_open(str(out / "model.safetensors"), "pt") as b:
+        assert sorted(stock_name(k) for k in a.keys()) == sorted(b.keys())  # noqa: SIM118
+        key = "vision_tower.embeddings.patch_embedding.weight"
+        assert torch.equal(a.get_tensor(key), b.get_tensor(stock_name(key)))
+    assert stock_layout_folder(out, tmp_path / "other") == out  # already stock: no copy
+
+
 # --- vLLM itself (separate environment) -------------------------------------------------------------------
 
 
@@ -188,23 +213,6 @@ def generate_answers():
 
 
 @needs_vllm
-def test_plugin_import_is_lean_and_registers():
-    code = (
-        "import sys, json\n"
-        "import vzedge, vzedge.vllm.launch, vzedge.vllm.config, vzedge.vllm.plugin\n"
-        "lean = 'vllm' not in sys.modules\n"
-        "from vllm.plugins import load_general_plugins\n"
-        "load_general_plugins()\n"
-        "from vllm import ModelRegistry\n"
-        "print(json.dumps({'lean': lean, 'registered': "
-        f"{ARCHITECTURE!r} in ModelRegistry.get_supported_archs()}}))\n"
-    )
-    out = subprocess.run([VLLM_PYTHON, "-c", code], capture_output=True, text=True, timeout=180, env=vllm_env())
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"lean": True, "registered": True}
-
-
-@needs_vllm
 @pytest.mark.slow
 def test_offline_plugin_matches_generate(generate_answers):
     cmd = [VLLM_PYTHON, str(ROOT / "tests" / "vllm_offline.py"), "--questions", json.dumps(QUESTIONS)]
@@ -212,8 +220,9 @@ def test_offline_plugin_matches_generate(generate_answers):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=420, env=vllm_env())
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("VZEDGE_JSON ")]
     assert out.returncode == 0 and lines, out.stderr[-4000:]
-    results = json.loads(lines[-1].removeprefix("VZEDGE_JSON "))
-    for r in results:
+    summary = json.loads(lines[-1].removeprefix("VZEDGE_JSON "))
+    assert summary["lean"] and summary["registered"]  # vzedge.vllm imports no vLLM; the entry point registers
+    for r in summary["results"]:
         ref = generate_answers[r["question"]]
         assert ref["image_tokens"] == 64 and r["image_tokens"] == 64
         assert r["prompt_tokens"] == ref["prompt_tokens"]
@@ -377,3 +386,41 @@ def test_server_answers_concurrent_requests(visionzip_server, generate_answers):
     for q, answer, prompt_tokens in results:
         assert answer == generate_answers[q]["answer"]
         assert prompt_tokens == generate_answers[q]["prompt_tokens"]
+
+
+# --- edge-to-server split: stock vLLM with --enable-mm-embeds ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def embeds_server(tmp_path_factory):
+    if not (VLLM_PYTHON and Path(VLLM_PYTHON).is_file()):
+        pytest.skip("no vLLM environment (VZEDGE_VLLM_PYTHON)")
+    folder = tmp_path_factory.mktemp("vllm-embeds")
+    proc, port, log_path = start_cli_server(folder, "--model", "tiny", "--mode", "embeds")
+    yield port, log_path
+    _stop(proc)
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_edge_split_answers_like_generate(embeds_server, generate_answers, tmp_path):
+    port, _ = embeds_server
+    q = QUESTIONS[0]
+    report_path = tmp_path / "remote.json"
+    cmd = [sys.executable, "-m", "vzedge", "run", "--model", "tiny", "--remote", f"http://127.0.0.1:{port}"]
+    cmd += ["--projector", TUNED, "--source", "demo", "--frames", "2", "--prompt", q]
+    cmd += ["--max-new-tokens", str(MAX_TOKENS), "--wire-dtype", "float32", "--json", str(report_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(report_path.read_text())
+    ref = generate_answers[q]
+    assert report["summary"]["frames"]["processed"] == 2
+    assert [f["answer"] for f in report["frames"]] == [ref["answer"]] * 2
+    remote = report["remote"]
+    assert remote["server_prompt_tokens"] == ref["prompt_tokens"]  # 64 image tokens on the server
+    assert remote["embeds_bytes_per_image"] == 64 * 128 * 4 + 128  # 64 x LLM width 128, fp32, .npy header
+    # The server refuses image tokens of the wrong width with the reason.
+    from vzedge.runtime.remote import RemoteError, RemoteLLM
+
+    with pytest.raises(RemoteError, match="400"):
+        RemoteLLM(f"http://127.0.0.1:{port}", "tiny", timeout_s=60).answer(torch.zeros(64, 96), q, 2)

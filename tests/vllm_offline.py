@@ -24,12 +24,19 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=8)
     args = p.parse_args()
 
-    from vllm import LLM, SamplingParams
-
+    import vzedge.vllm.launch
     from vzedge.images import load_image
     from vzedge.models.tiny import PROMPT_TEMPLATE, weights_dir
     from vzedge.visionzip import VisionZipConfig
-    from vzedge.vllm.config import PluginSettings, hf_overrides
+    from vzedge.vllm.config import ARCHITECTURE, PluginSettings, hf_overrides
+
+    lean = "vllm" not in sys.modules and vzedge.vllm.launch is not None  # vzedge's side imports no vLLM
+
+    from vllm import LLM, ModelRegistry, SamplingParams
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()  # what vLLM does in each process: the entry point registers the architecture
+    registered = ARCHITECTURE in ModelRegistry.get_supported_archs()
 
     model = args.model or str(weights_dir())
     overrides = None
@@ -64,7 +71,8 @@ def main() -> None:
                 "token_ids": list(out.outputs[0].token_ids),
             }
         )
-    sys.stdout.write("VZEDGE_JSON " + json.dumps(result) + "\n")
+    summary = {"lean": lean, "registered": registered, "results": result}
+    sys.stdout.write("VZEDGE_JSON " + json.dumps(summary) + "\n")
     sys.stdout.flush()
     del llm  # shuts the engine core down before the interpreter exits
 

@@ -109,8 +109,17 @@ def resolve_projector(cfg: VLLMServeConfig) -> str | None:
 
 
 def build_command(cfg: VLLMServeConfig) -> list[str]:
-    """The vLLM server's command line for `cfg`."""
-    cmd = [cfg.python, "-m", "vllm.entrypoints.openai.api_server", "--model", resolve_model(cfg.model)]
+    """The vLLM server's command line for `cfg`.
+
+    Stock vLLM (modes stock and embeds) cannot load a local folder saved by transformers 5.x (no
+    `vision_model.` level in the tower's weight names); it gets a converted copy (`vzedge.vllm.layout`).
+    """
+    model = resolve_model(cfg.model)
+    if cfg.mode != "visionzip" and os.path.isdir(model):
+        from vzedge.vllm.layout import stock_layout_folder
+
+        model = str(stock_layout_folder(model))
+    cmd = [cfg.python, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
     cmd += ["--served-model-name", cfg.served_model_name or cfg.model]
     cmd += ["--host", cfg.host, "--port", str(cfg.port), "--dtype", cfg.dtype]
     if cfg.api_key is not None:

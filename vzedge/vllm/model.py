@@ -50,6 +50,7 @@ from vzedge.visionzip import (  # noqa: E402
     split_heads,
 )
 from vzedge.vllm.config import OVERRIDES_KEY, PluginSettings, settings_from_hf_config  # noqa: E402
+from vzedge.vllm.layout import stock_name  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -144,13 +145,9 @@ def visionzip_features(
 
 
 def _with_vision_model_level(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-    """vzedge's saved folders (and some conversions) store the tower without `vision_model.`; vLLM expects it."""
+    """vzedge's saved folders (transformers 5.x) store the tower without `vision_model.`; vLLM expects it."""
     for name, tensor in weights:
-        for prefix in ("vision_tower.", "model.vision_tower."):
-            if name.startswith(prefix) and not name.startswith(prefix + "vision_model."):
-                name = prefix + "vision_model." + name[len(prefix) :]
-                break
-        yield name, tensor
+        yield stock_name(name), tensor
 
 
 @MULTIMODAL_REGISTRY.register_processor(

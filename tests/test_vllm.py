@@ -228,6 +228,19 @@ def test_offline_plugin_matches_generate(generate_answers):
         assert r["prompt_tokens"] == ref["prompt_tokens"]
         assert r["answer"] == ref["answer"], (r, ref)
     assert generate_answers[QUESTIONS[0]]["answer"] == "blue"  # the tuned projector is in use on both sides
+    # The features the plugin computes = VisionZipEncoder + the tuned projector here, on the same pixels.
+    from vzedge.encoder import VisionZipEncoder
+    from vzedge.models.loading import load_model
+    from vzedge.tune import load_tuned_projector
+
+    loaded = load_model("tiny")
+    load_tuned_projector(TUNED, loaded.vlm, VisionZipConfig())
+    pixels = torch.tensor(summary["pixel_values"])
+    with torch.no_grad():
+        ref = loaded.projector(VisionZipEncoder(loaded.vision, VisionZipConfig())(pixels).tokens)
+    got = torch.tensor(summary["features"])
+    assert got.shape == ref.shape == (1, 64, 128)
+    assert (got - ref).abs().max().item() <= 2e-5 * max(1.0, ref.abs().max().item())
 
 
 def _free_port() -> int:

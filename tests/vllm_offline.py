@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -38,6 +39,7 @@ def main() -> None:
     load_general_plugins()  # what vLLM does in each process: the entry point registers the architecture
     registered = ARCHITECTURE in ModelRegistry.get_supported_archs()
 
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model sends a function (test only)
     model = args.model or str(weights_dir())
     overrides = None
     if not args.stock:
@@ -71,7 +73,22 @@ def main() -> None:
                 "token_ids": list(out.outputs[0].token_ids),
             }
         )
-    summary = {"lean": lean, "registered": registered, "results": result}
+    # The image features the served model computes (VisionZip + projector), on pixels sent back with them, so
+    # the test can recompute them with vzedge's own encoder on exactly these pixels.
+    from transformers import AutoProcessor
+
+    pixels = AutoProcessor.from_pretrained(model).image_processor(images=image, return_tensors="pt")["pixel_values"]
+
+    def features(vlm):
+        return vlm.embed_multimodal(pixel_values=pixels.to(vlm.vision_tower.dtype)).float().cpu().tolist()
+
+    summary = {
+        "lean": lean,
+        "registered": registered,
+        "results": result,
+        "pixel_values": pixels.tolist(),
+        "features": llm.apply_model(features)[0],
+    }
     sys.stdout.write("VZEDGE_JSON " + json.dumps(summary) + "\n")
     sys.stdout.flush()
     del llm  # shuts the engine core down before the interpreter exits

@@ -14,6 +14,11 @@ import os
 import sys
 
 
+def image_features(vlm, pixels):
+    """Runs inside vLLM's worker (LLM.apply_model): the served model's image features for `pixels`."""
+    return vlm.embed_multimodal(pixel_values=pixels.to(vlm.vision_tower.dtype)).float().cpu().tolist()
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default=None, help="model folder (default: the shipped tiny)")
@@ -79,9 +84,11 @@ def main() -> None:
 
     pixels = AutoProcessor.from_pretrained(model).image_processor(images=image, return_tensors="pt")["pixel_values"]
 
-    def features(vlm):
-        return vlm.embed_multimodal(pixel_values=pixels.to(vlm.vision_tower.dtype)).float().cpu().tolist()
+    import functools
 
+    import vllm_offline  # this file under its module name: the worker unpickles image_features by that name
+
+    features = functools.partial(vllm_offline.image_features, pixels=pixels)
     summary = {
         "lean": lean,
         "registered": registered,

@@ -243,6 +243,75 @@ def test_offline_plugin_matches_generate(generate_answers):
     assert (got - ref).abs().max().item() <= 2e-5 * max(1.0, ref.abs().max().item())
 
 
+def save_siglip_llava(folder: Path) -> None:
+    """A random LLaVA-1.5 with a SigLIP tower (no CLS, `full` features), saved as a local folder."""
+    from transformers import (
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        SiglipImageProcessor,
+        SiglipVisionConfig,
+    )
+
+    from vzedge.models.tiny import CHAT_TEMPLATE, build_tokenizer, tiny_config
+
+    vision = SiglipVisionConfig(
+        hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, image_size=224, patch_size=14
+    )
+    config = LlavaConfig(
+        vision_config=vision.to_dict(),
+        text_config=tiny_config(224).text_config.to_dict(),
+        image_token_id=3,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="full",
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        LlavaForConditionalGeneration(config).save_pretrained(folder)
+    LlavaProcessor(
+        image_processor=SiglipImageProcessor(size={"height": 224, "width": 224}),
+        tokenizer=build_tokenizer(),
+        patch_size=14,
+        vision_feature_select_strategy="full",
+        num_additional_image_tokens=0,
+        chat_template=CHAT_TEMPLATE,
+    ).save_pretrained(folder)
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_offline_plugin_siglip_tower(tmp_path):
+    """A SigLIP tower (no CLS: the received-attention score) through the plugin = VisionZipEncoder + projector."""
+    from vzedge.api import generate
+    from vzedge.encoder import VisionZipEncoder
+    from vzedge.models.loading import load_model
+
+    folder = tmp_path / "siglip-llava"
+    save_siglip_llava(folder)
+    q = QUESTIONS[0]
+    cmd = [VLLM_PYTHON, str(ROOT / "tests" / "vllm_offline.py"), "--model", str(folder), "--questions", json.dumps([q])]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=420, env=vllm_env())
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("VZEDGE_JSON ")]
+    assert out.returncode == 0 and lines, out.stderr[-4000:]
+    summary = json.loads(lines[-1].removeprefix("VZEDGE_JSON "))
+    (r,) = summary["results"]
+    ref = generate(str(folder), "demo", q, VisionZipConfig(), max_new_tokens=MAX_TOKENS, projector="none")
+    assert r["image_tokens"] == ref["image_tokens"] == 64
+    assert (r["prompt_tokens"], r["answer"]) == (ref["prompt_tokens"], ref["answer"])
+    loaded = load_model(str(folder))
+    pixels = torch.tensor(summary["pixel_values"])
+    with torch.no_grad():
+        want = loaded.projector(VisionZipEncoder(loaded.vision, VisionZipConfig())(pixels).tokens)
+    got = torch.tensor(summary["features"])
+    assert got.shape == want.shape == (1, 64, 128)
+    assert (got - want).abs().max().item() <= 2e-5 * max(1.0, want.abs().max().item())
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

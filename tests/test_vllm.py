@@ -212,6 +212,52 @@ def generate_answers():
     return {q: generate("tiny", "demo", q, VisionZipConfig(), max_new_tokens=MAX_TOKENS) for q in QUESTIONS}
 
 
+REFUSALS_SCRIPT = """
+import json
+from transformers import LlavaConfig, LlavaNextConfig, PixtralVisionConfig
+from vzedge.models.tiny import tiny_config
+from vzedge.visionzip import VisionZipConfig
+from vzedge.vllm.config import PluginSettings
+from vzedge.vllm.model import check_model_config
+
+def outcome(config, cfg=VisionZipConfig()):
+    try:
+        return check_model_config(config, PluginSettings(cfg))
+    except ValueError as err:
+        return str(err)
+
+base = tiny_config(224)
+multi = tiny_config(224)
+multi.vision_feature_layer = [-2, -5]
+pixtral = LlavaConfig(vision_config=PixtralVisionConfig().to_dict(), text_config=base.text_config.to_dict())
+print(json.dumps({
+    "ok": outcome(base),
+    "next": outcome(LlavaNextConfig(text_config=base.text_config.to_dict())),
+    "pixtral": outcome(pixtral),
+    "multi": outcome(multi),
+    "deeper": outcome(base, VisionZipConfig(layer=-1)),
+    "range": outcome(base, VisionZipConfig(layer=9)),
+    "budget": outcome(base, VisionZipConfig(dominant=250, contextual=10)),
+}))
+"""
+
+
+@needs_vllm
+def test_plugin_refuses_what_it_does_not_handle():
+    out = subprocess.run(
+        [VLLM_PYTHON, "-c", REFUSALS_SCRIPT], capture_output=True, text=True, timeout=180, env=vllm_env()
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["ok"] == 2  # tiny: 4 layers, selection at -2 -> encoder layer 2
+    assert "LLaVA-NeXT/OneVision anyres" in r["next"]
+    assert "CLIP or SigLIP" in r["pixtral"]
+    assert "multi-layer" in r["multi"]
+    assert "deeper than the model's vision_feature_layer=-2" in r["deeper"]
+    assert "out of range for a 4-layer" in r["range"]
+    assert "use dominant + contextual <= 257" in r["budget"]
+
+
 @needs_vllm
 @pytest.mark.slow
 def test_offline_plugin_matches_generate(generate_answers):

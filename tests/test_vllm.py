@@ -390,14 +390,16 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def start_cli_server(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, int, Path]:
-    """`vzedge serve-vllm ...` as a user runs it, in its own session; returns (process, port, log)."""
+    """`vzedge serve-vllm ...` as a user runs it, in its own session; returns (process, port, log).
+    Stock-layout copies (modes stock/embeds) go to `tmp_path`, not the user's cache."""
     port = _free_port()
     log_path = tmp_path / "server.log"
     cmd = [sys.executable, "-m", "vzedge", "serve-vllm", "--port", str(port), "--vllm-python", VLLM_PYTHON]
     cmd += ["--context", "1024", "--dtype", "float32", *args]
     cmd += ["--vllm-args", shlex.join(["--max-num-seqs", "4", "--enforce-eager", "--seed", "0"])]
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=vllm_env(), start_new_session=True)
+        env = {**vllm_env(), "VZEDGE_CACHE": str(tmp_path / "cache")}
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         _wait_healthy(proc, port, log_path)
     except BaseException:
@@ -532,7 +534,8 @@ def embeds_server(tmp_path_factory):
 @needs_vllm
 @pytest.mark.slow
 def test_edge_split_answers_like_generate(embeds_server, generate_answers, tmp_path):
-    port, _ = embeds_server
+    port, log_path = embeds_server
+    folder = log_path.parent
     q = QUESTIONS[0]
     report_path = tmp_path / "remote.json"
     cmd = [sys.executable, "-m", "vzedge", "run", "--model", "tiny", "--remote", f"http://127.0.0.1:{port}"]
@@ -547,6 +550,7 @@ def test_edge_split_answers_like_generate(embeds_server, generate_answers, tmp_p
     remote = report["remote"]
     assert remote["server_prompt_tokens"] == ref["prompt_tokens"]  # 64 image tokens on the server
     assert remote["embeds_bytes_per_image"] == 64 * 128 * 4 + 128  # 64 x LLM width 128, fp32, .npy header
+    assert any((folder / "cache" / "vllm-layout").iterdir())  # stock vLLM got the converted copy of tiny
     # The server refuses image tokens of the wrong width with the reason.
     from vzedge.runtime.remote import RemoteError, RemoteLLM
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+LAYERS = "Layers: cli > serve | vllm > export | runtime"  # the start of the layers contract's name
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("importlinter") is None or shutil.which("lint-imports") is None,
     reason="import-linter is not installed (pip install -e '.[dev]')",
@@ -38,13 +39,13 @@ def test_tree_keeps_every_contract_and_has_no_cycle(tmp_path):
     ("planted", "contract"),
     [
         # a model family reaching up into the CLI
-        ({"vzedge/models/_wrong.py": "import vzedge.cli\n"}, "Layers: cli > serve > export | runtime"),
+        ({"vzedge/models/_wrong.py": "import vzedge.cli\n"}, LAYERS),
         # the runtime importing the exporter (an edge install has no exporter)
-        ({"vzedge/runtime/_wrong.py": "from vzedge.export import api\n"}, "Layers: cli > serve > export | runtime"),
+        ({"vzedge/runtime/_wrong.py": "from vzedge.export import api\n"}, LAYERS),
         # the runtime importing a training workflow
         ({"vzedge/runtime/_wrong.py": "import vzedge.tune\n"}, "The edge runtime needs neither"),
         # one workflow importing another
-        ({"vzedge/eval/_wrong.py": "import vzedge.budget\n"}, "Layers: cli > serve > export | runtime"),
+        ({"vzedge/eval/_wrong.py": "import vzedge.budget\n"}, LAYERS),
     ],
 )
 def test_wrong_import_breaks_a_named_contract(tmp_path, planted, contract):

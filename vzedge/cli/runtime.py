@@ -96,6 +96,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         args, policy=args.policy, pipelined=not args.sequential, on_error=args.on_error, queue_size=args.queue_size
     )
     check_outputs(args)
+    if args.remote:
+        return _run_remote(args, cfg)
     with progress_bar(cfg.frames) as progress, results_stdout():
         on_frame = None
         if progress is not None:
@@ -121,6 +123,28 @@ def _cmd_run(args: argparse.Namespace) -> int:
         )
         return 130  # vzedge.cli.run makes it 143 when the interrupt was SIGTERM
     return 0
+
+
+def _run_remote(args: argparse.Namespace, cfg) -> int:
+    from vzedge.runtime.remote import RemoteLLM, run_remote
+
+    if args.quant != "none" or cfg.visionzip is None:
+        raise ValueError("--remote runs the LLM on the server: drop --quant and --all-tokens")
+    client = RemoteLLM(args.remote, args.remote_model or args.model, args.api_key, wire_dtype=args.wire_dtype)
+    report = run_remote(cfg, client)
+    write_reports(args, report)
+    r = report["remote"]
+    print(
+        f"sent {r['embeds_bytes_per_image']} B of image tokens per image ({r['wire_dtype']}; request "
+        f"{r['request_bytes_per_image']} B) to {r['url']}; server prompt {r['server_prompt_tokens']} tokens"
+    )
+    last = next((f for f in reversed(report["frames"]) if f["answer"] is not None), None)
+    if last is not None:
+        print(f"last answer (frame {last['index']}): {last['answer']}")
+    if report.get("stopped_by_error"):
+        print(f"vzedge run: stopped: {report['stopped_by_error']}", file=sys.stderr)
+        return 1
+    return 130 if report["interrupted"] else 0
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
@@ -180,6 +204,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--queue-size", type=int, default=1)
     p.add_argument("--sequential", action="store_true", help="one frame at a time (no stage overlap)")
     p.add_argument("--on-error", choices=("stop", "continue"), default="stop")
+    p.add_argument(
+        "--remote",
+        default=None,
+        metavar="URL",
+        help="edge-to-server split: send the projected image tokens to a vLLM server started with "
+        "--enable-mm-embeds (vzedge serve --engine vllm --vllm-mode embeds) instead of running the LLM here",
+    )
+    p.add_argument("--remote-model", default=None, help="the server's model name (default: --model)")
+    p.add_argument("--api-key", default=None, help="the server's API key")
+    p.add_argument("--wire-dtype", choices=("float16", "float32"), default="float16", help="image tokens on the wire")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("chat", help="several questions about one image; its tokens and KV prefix are computed once")

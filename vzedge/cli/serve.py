@@ -1,20 +1,29 @@
-"""`vzedge serve`: the OpenAI-compatible VQA server (vzedge.serve)."""
+"""`vzedge serve`: the OpenAI-compatible VQA server, on vzedge's own engine (vzedge.serve) or on vLLM with the
+VisionZip plugin (`--engine vllm`, vzedge.vllm.launch)."""
 
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 
 from vzedge.cli._common import add_visionzip_args, visionzip_config
+
+# Flags of the built-in engine that vLLM has no equivalent for (vLLM runs its own vision tower and LLM).
+_VZEDGE_ONLY = {"vision": None, "quant": "none", "image_root": None, "threads": None}
+# Flags of --engine vllm that the built-in engine has no use for.
+_VLLM_ONLY = {"vllm_mode": None, "vllm_args": "", "vllm_python": None, "context": None, "print_command": False}
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from vzedge.serve import ServeConfig, parse_budget, serve
 
-    vz = None
-    if not args.no_visionzip:
-        if args.budget is not None:
-            args.dominant, args.contextual = parse_budget(args.budget)
-        vz = visionzip_config(args)
+    if args.budget is not None:
+        args.dominant, args.contextual = parse_budget(args.budget)
+    if args.engine == "vllm":
+        return _serve_vllm(args)
+    _refuse_others(args, _VLLM_ONLY, "--engine vllm")
+    vz = None if args.no_visionzip else visionzip_config(args)
     cfg = ServeConfig(
         model=args.model,
         host=args.host,
@@ -43,11 +52,51 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return serve(cfg)
 
 
+def _refuse_others(args: argparse.Namespace, flags: dict[str, object], engine: str) -> None:
+    given = [f"--{k.replace('_', '-')}" for k, default in flags.items() if getattr(args, k) != default]
+    if given:
+        raise ValueError(f"{', '.join(given)} apply to {engine} only; drop them or pass {engine}")
+
+
+def _serve_vllm(args: argparse.Namespace) -> int:
+    from vzedge.vllm.launch import VLLMServeConfig, build_command, serve_vllm
+
+    _refuse_others(args, _VZEDGE_ONLY, "--engine vzedge")
+    mode = args.vllm_mode or ("stock" if args.no_visionzip else "visionzip")
+    if args.no_visionzip and mode == "visionzip":
+        raise ValueError("--no-visionzip with --vllm-mode visionzip: pick one (stock serves all image tokens)")
+    cfg = VLLMServeConfig(
+        model=args.model,
+        visionzip=visionzip_config(args),
+        mode=mode,
+        projector=args.projector,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        max_model_len=args.context,
+        served_model_name=args.served_model_name,
+        dtype=args.dtype,
+        python=args.vllm_python or sys.executable,
+        vllm_args=shlex.split(args.vllm_args),
+    )
+    if args.print_command:
+        print(shlex.join(build_command(cfg)))
+        return 0
+    return serve_vllm(cfg)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve", help="OpenAI-compatible chat-completions server on VisionZip tokens, with an image/KV cache"
     )
     p.add_argument("--model", default="tiny", help="'tiny', a local folder, or a hub id")
+    p.add_argument(
+        "--engine",
+        choices=("vzedge", "vllm"),
+        default="vzedge",
+        help="vzedge (default: this package's engine, image/KV cache) or vllm (vLLM's OpenAI server with the "
+        "VisionZip plugin: continuous batching, paged KV, tensor parallelism; needs vzedge[vllm])",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
@@ -77,5 +126,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=256, help="max_tokens when a request gives none")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds a request may take, queue included")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g = p.add_argument_group("--engine vllm")
+    g.add_argument(
+        "--vllm-mode",
+        choices=("visionzip", "stock", "embeds"),
+        default=None,
+        help="visionzip (the plugin; default), stock (vLLM's LLaVA, all tokens; the default with --no-visionzip), "
+        "embeds (stock + --enable-mm-embeds: the server side of `vzedge run --remote`)",
+    )
+    g.add_argument("--context", type=int, default=None, help="max model length in tokens (vLLM --max-model-len)")
+    g.add_argument("--dtype", default="auto", help="vLLM --dtype")
+    g.add_argument("--vllm-python", default=None, help="python of the environment with vLLM (default: this one)")
+    g.add_argument(
+        "--vllm-args", default="", help='further vLLM flags, one shell-quoted string, e.g. "--tensor-parallel-size 2"'
+    )
+    g.add_argument("--print-command", action="store_true", help="print vLLM's command line and exit")
     add_visionzip_args(p)
     p.set_defaults(func=_cmd_serve)

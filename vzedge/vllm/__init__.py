@@ -1,0 +1,1 @@
+"""VisionZip inside vLLM: a `vllm.general_plugins` plugin (see `vzedge.vllm.plugin`)."""

@@ -153,6 +153,34 @@ def build_model(shape: str, folder: Path, llm_layers: int | None, vision_layers:
     return str(folder)
 
 
+def export_source(vlm: Any, processor: Any, folder: str, dtype: str, out: Path) -> str:
+    """The folder `vzedge export` reads. A bf16/fp16 checkpoint fails in export_vision (it loads in the checkpoint's
+    dtype, then probes the projector with float32 zeros: "mat1 and mat2 must have the same dtype"), so those get an
+    fp32 copy of the same vision tower and projector, with a one-layer stand-in LLM (the graph never holds the LLM).
+    """
+    if dtype == "fp32":
+        return folder
+    from transformers import LlavaForConditionalGeneration
+
+    config = type(vlm.config).from_dict(vlm.config.to_dict())
+    config.text_config.num_hidden_layers, config.text_config.intermediate_size = 1, 128
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        copy = LlavaForConditionalGeneration(config).eval()
+    finally:
+        torch.set_default_dtype(default)
+    copy.model.vision_tower.load_state_dict({k: v.float() for k, v in vlm.model.vision_tower.state_dict().items()})
+    copy.model.multi_modal_projector.load_state_dict(
+        {k: v.float() for k, v in vlm.model.multi_modal_projector.state_dict().items()}
+    )
+    for c in (copy.config, copy.config.text_config, copy.config.vision_config):
+        c.dtype = "float32"  # from_pretrained loads in the config's dtype
+    copy.save_pretrained(out)
+    processor.save_pretrained(out)
+    return str(out)
+
+
 def export(folder: str, out: Path, vision: str, budget: tuple[int, int]) -> Path:
     """`vzedge export --projector` of the model's vision graph (the library call behind it)."""
     from vzedge.export import ExportConfig, export_vision
@@ -531,9 +559,11 @@ def main(argv: list[str] | None = None) -> int:
         setup: dict[str, float] = {}
         exports: dict[str, Path] = {}
         errors: list[dict[str, str]] = []
-        for vision in sorted({r.vision for r in rows if r.vision}):
+        visions = sorted({r.vision for r in rows if r.vision})
+        src = export_source(vlm, processor, folder, dtype, tmp / "export-src") if visions else folder
+        for vision in visions:
             t0 = time.perf_counter()
-            exports[vision] = export(folder, tmp / f"export-{vision}", vision, parse_budget(args.deployed_budget))
+            exports[vision] = export(src, tmp / f"export-{vision}", vision, parse_budget(args.deployed_budget))
             setup[f"export_{vision}_s"] = round(time.perf_counter() - t0, 1)
         awq_dir = None
         if any(r.quant == "awq" for r in rows):

@@ -28,7 +28,7 @@ stderr (or --md).
 from __future__ import annotations
 
 import argparse
-import contextlib
+import gc
 import io
 import json
 import logging
@@ -118,13 +118,15 @@ def rows_for(args: argparse.Namespace) -> list[Row]:
 # ---------------------------------------------------------------------------------------------- the models
 
 
-def build_model(shape: str, folder: Path, llm_layers: int | None, vision_layers: int | None, dtype: str) -> str:
-    """The model folder every configuration loads from: the shipped `tiny`, or a random model with a real
-    shape (fewer layers if asked) saved into `folder` with the built-in byte-level tokenizer."""
+def build_model(
+    shape: str, folder: Path, llm_layers: int | None, vision_layers: int | None, dtype: str
+) -> tuple[str, str]:
+    """(model folder, export source folder). The shipped `tiny` is both; a random model with a real shape (fewer
+    layers if asked) is saved into `folder` with the built-in byte-level tokenizer, plus an fp32 export source."""
     if SHAPES[shape] is None:
         from vzedge.models.tiny import weights_dir
 
-        return str(weights_dir())
+        return str(weights_dir()), str(weights_dir())
     from transformers import LlavaForConditionalGeneration
 
     from vzedge.budget.layout import resolve_config
@@ -138,6 +140,8 @@ def build_model(shape: str, folder: Path, llm_layers: int | None, vision_layers:
     processor = build_processor(image_size=int(config.vision_config.image_size))
     config.image_token_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     config.pad_token_id, config.text_config.pad_token_id = 0, 0
+    for c in (config, config.text_config, config.vision_config):
+        c.dtype = str(DTYPES[dtype]).removeprefix("torch.")  # transformers builds and saves in the config's dtype
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(DTYPES[dtype])  # initialise in the run's dtype: an fp32 copy of a 7B shape would not fit
@@ -149,21 +153,25 @@ def build_model(shape: str, folder: Path, llm_layers: int | None, vision_layers:
     model.generation_config.bos_token_id = 1
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
+    src = export_source(model, processor, folder.parent / "export-src")
     del model
-    return str(folder)
+    return str(folder), src
 
 
-def export_source(vlm: Any, processor: Any, folder: str, dtype: str, out: Path) -> str:
-    """The folder `vzedge export` reads. A bf16/fp16 checkpoint fails in export_vision (it loads in the checkpoint's
-    dtype, then probes the projector with float32 zeros: "mat1 and mat2 must have the same dtype"), so those get an
-    fp32 copy of the same vision tower and projector, with a one-layer stand-in LLM (the graph never holds the LLM).
-    """
-    if dtype == "fp32":
-        return folder
+def export_source(vlm: Any, processor: Any, out: Path) -> str:
+    """The folder `vzedge export` reads for a bf16/fp16 model. Such a checkpoint fails in export_vision (it loads in
+    the checkpoint's dtype, then probes the projector with float32 zeros: "mat1 and mat2 must have the same dtype"),
+    so it gets an fp32 copy of the same vision tower and projector with a one-layer stand-in LLM (the graph never
+    holds the LLM)."""
     from transformers import LlavaForConditionalGeneration
+
+    from vzedge.models.tiny import VOCAB_SIZE
 
     config = type(vlm.config).from_dict(vlm.config.to_dict())
     config.text_config.num_hidden_layers, config.text_config.intermediate_size = 1, 128
+    config.text_config.vocab_size = VOCAB_SIZE  # the byte-level tokenizer's ids; the graph has no embeddings
+    for c in (config, config.text_config, config.vision_config):
+        c.dtype = "float32"  # the model is built, saved and loaded in its config's dtype
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)
     try:
@@ -174,21 +182,20 @@ def export_source(vlm: Any, processor: Any, folder: str, dtype: str, out: Path) 
     copy.model.multi_modal_projector.load_state_dict(
         {k: v.float() for k, v in vlm.model.multi_modal_projector.state_dict().items()}
     )
-    for c in (copy.config, copy.config.text_config, copy.config.vision_config):
-        c.dtype = "float32"  # from_pretrained loads in the config's dtype
     copy.save_pretrained(out)
     processor.save_pretrained(out)
     return str(out)
 
 
-def export(folder: str, out: Path, vision: str, budget: tuple[int, int]) -> Path:
-    """`vzedge export --projector` of the model's vision graph (the library call behind it)."""
-    from vzedge.export import ExportConfig, export_vision
-    from vzedge.visionzip import VisionZipConfig
-
-    cfg = ExportConfig(model=folder, out=out, visionzip=VisionZipConfig(*budget), projector=True, dtype=vision)
-    with contextlib.redirect_stdout(sys.stderr):
-        return export_vision(cfg).out
+def export(src: str, out: Path, vision: str, budget: tuple[int, int]) -> Path:
+    """`vzedge export --projector` in a child process, so its peak memory (tracing, parity gate) is gone before the
+    benchmark loads its models."""
+    cmd = [sys.executable, "-m", "vzedge", "export", "--model", src, "--out", str(out), "--projector", "--dtype",
+           vision, "--dominant", str(budget[0]), "--contextual", str(budget[1])]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"vzedge export --dtype {vision} failed: {done.stderr.strip()[-800:]}")
+    return out
 
 
 def awq_checkpoint(folder: str, out: Path, calib: int) -> Path:
@@ -399,16 +406,23 @@ def summarise(rows: list[Row], calls: dict[str, list[Call]], answers: dict[str, 
     return out
 
 
-def projection(results: list[dict[str, Any]], measured_layers: int, full_layers: int) -> list[dict[str, Any]]:
-    """PROJECTION, not a measurement: prefill and decode scaled by full/measured LLM layers, encode as measured."""
-    scale = full_layers / measured_layers
+def projection(results: list[dict[str, Any]], llm_run: int, llm_full: int, vision_run: int | None = None,
+               vision_full: int | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """PROJECTION, not a measurement: prefill and decode scaled by full/run LLM layers; image encode by the vision
+    layers each configuration computes (stock all of them, VisionZip up to its layer -2: one fewer), or as measured
+    when the vision tower ran at full depth."""
     out = []
     for r in results:
-        pre, ttft = r["prefill_ms"]["p50"], r["ttft_ms"]["p50"]
+        pre, ttft, enc = r["prefill_ms"]["p50"], r["ttft_ms"]["p50"], r["image_encode_ms"]["p50"]
         decode = r["answer_ms"]["p50"] - ttft
-        p_ttft = ttft - pre + pre * scale
+        llm = llm_full / llm_run
+        vis = 1.0
+        if vision_run and vision_full and vision_run != vision_full:
+            stock = r["kind"] == "stock"
+            vis = (vision_full - (0 if stock else 1)) / (vision_run - (0 if stock else 1))
+        p_ttft = ttft - pre - enc + pre * llm + enc * vis
         out.append(
-            {"name": r["name"], "ttft_ms_p50": round(p_ttft, 1), "answer_ms_p50": round(p_ttft + decode * scale, 1)}
+            {"name": r["name"], "ttft_ms_p50": round(p_ttft, 1), "answer_ms_p50": round(p_ttft + decode * llm, 1)}
         )
     base = out[0]["ttft_ms_p50"]
     for p in out:
@@ -548,20 +562,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="vzedge-e2e-") as tmp_name:
         tmp = Path(tmp_name)
         log.info("building model %s", args.shape)
-        folder = build_model(args.shape, tmp / "model", args.llm_layers, args.vision_layers, dtype)
-        from vzedge.models.loading import load_model
-
-        loaded = load_model(folder, dtype=DTYPES[dtype])
-        vlm, processor = loaded.vlm, loaded.processor
-        vcfg, tcfg = vlm.config.vision_config, vlm.config.text_config
-        image_size = int(vcfg.image_size)
-        stock_tokens = (image_size // int(vcfg.patch_size)) ** 2  # LLaVA's "default" strategy drops CLS
+        folder, src = build_model(args.shape, tmp / "model", args.llm_layers, args.vision_layers, dtype)
         setup: dict[str, float] = {}
         exports: dict[str, Path] = {}
         errors: list[dict[str, str]] = []
-        visions = sorted({r.vision for r in rows if r.vision})
-        src = export_source(vlm, processor, folder, dtype, tmp / "export-src") if visions else folder
-        for vision in visions:
+        for vision in sorted({r.vision for r in rows if r.vision}):
             t0 = time.perf_counter()
             exports[vision] = export(src, tmp / f"export-{vision}", vision, parse_budget(args.deployed_budget))
             setup[f"export_{vision}_s"] = round(time.perf_counter() - t0, 1)
@@ -573,6 +578,13 @@ def main(argv: list[str] | None = None) -> int:
             except RuntimeError as err:
                 errors.append({"name": "awq checkpoint", "error": str(err)})
             setup["awq_quantize_s"] = round(time.perf_counter() - t0, 1)
+        from vzedge.models.loading import load_model
+
+        loaded = load_model(folder, dtype=DTYPES[dtype])
+        vlm, processor = loaded.vlm, loaded.processor
+        vcfg, tcfg = vlm.config.vision_config, vlm.config.text_config
+        image_size = int(vcfg.image_size)
+        stock_tokens = (image_size // int(vcfg.patch_size)) ** 2  # LLaVA's "default" strategy drops CLS
 
         hf = HFRunner(vlm, processor, template, "cpu")
         runners: dict[str, Any] = {}
@@ -649,12 +661,16 @@ def main(argv: list[str] | None = None) -> int:
                 "paper": PAPER,
             }
         )
-        if full_llm and full_llm != t_layers:
-            result["projection_full_llm_depth"] = {
-                "note": f"PROJECTION, not measured: prefill and decode x {full_llm}/{t_layers} LLM layers, encode as "
-                "measured",
-                "rows": projection(result["rows"], t_layers, full_llm),
+        v_run = int(vcfg.num_hidden_layers)
+        if full_llm and (full_llm != t_layers or full_vision != v_run):
+            result["projection_full_depth"] = {
+                "note": f"PROJECTION, not measured: prefill and decode x {full_llm}/{t_layers} LLM layers, image "
+                f"encode x the vision layers computed at {full_vision} vs {v_run} (stock all, VisionZip one fewer)",
+                "rows": projection(result["rows"], t_layers, full_llm, v_run, full_vision),
             }
+        runners.clear()  # the memory children should not share the machine with these models
+        hf = vlm = loaded = None
+        gc.collect()
         if args.memory == "child":
             job = {"folder": folder, "dtype": dtype, "exports": {k: str(v) for k, v in exports.items()},
                    "awq_dir": str(awq_dir) if awq_dir else None, "template": template, "new_tokens": args.new_tokens,

@@ -94,6 +94,87 @@ def bench_merge(threads: int, warmup: int, iters: int, tmp: Path) -> dict[str, A
     return out
 
 
+def _ort_variants(fp32: Path, tmp: Path, threads: int, config: Any, result: dict[str, Any]) -> dict[str, Any]:
+    """Row name -> (pixels -> run callable) for the fp32 graph under one ORT lever each (vzedge.export.optimize)."""
+    from vzedge.export.optimize import cpu_session, transformer_fusions
+
+    fused = tmp / "fp32-fused" / "model.onnx"
+    fused.parent.mkdir()
+    t0 = time.perf_counter()
+    stats = transformer_fusions(fp32, fused, config.num_attention_heads, config.hidden_size)
+    result["ort_transformer_fusions"] = {
+        "seconds": round(time.perf_counter() - t0, 1),
+        "fused": {k: v for k, v in stats.items() if v},
+    }
+    basic = cpu_session(fp32, threads, level="basic")
+    no_spin = cpu_session(fp32, threads, spinning=False)
+    fused_s = cpu_session(fused, threads)
+    bound = _ort_session(fp32, threads)
+
+    def iobinding(xn: np.ndarray) -> Callable[[], Any]:
+        binding = bound.io_binding()
+        binding.bind_cpu_input("pixel_values", xn)
+        for out in bound.get_outputs():
+            binding.bind_output(out.name, "cpu")
+
+        def run() -> Any:
+            bound.run_with_iobinding(binding)
+            return binding.copy_outputs_to_cpu()
+
+        return run
+
+    def plain(sess: Any) -> Callable[[np.ndarray], Callable[[], Any]]:
+        return lambda xn: lambda: sess.run(None, {"pixel_values": xn})
+
+    return {
+        "ort_cpu_fp32_level_basic": plain(basic),
+        "ort_cpu_fp32_no_spinning": plain(no_spin),
+        "ort_cpu_fp32_transformer_fusions": plain(fused_s),
+        "ort_cpu_fp32_iobinding": iobinding,
+    }
+
+
+def _kept_vs_torch(encoder: Any, x: torch.Tensor, runs: dict[str, Callable[[], Any]]) -> dict[str, float]:
+    """Share of kept indices each ORT row has in common with torch eager on the timed input (1.0: the same)."""
+    with torch.no_grad():
+        ref = encoder(x).kept_indices.numpy()
+    out = {}
+    for name, fn in runs.items():
+        got = np.asarray(fn()[1])
+        out[name] = round(float(np.mean([len(set(a) & set(b)) / len(a) for a, b in zip(got, ref, strict=True)])), 4)
+    return out
+
+
+def _profiles(fp32: Path, encoder: Any, threads: int) -> dict[str, Any]:
+    """Where the time goes at batch 1: ORT's per-op kernel time on the fp32 graph, torch's profiler on eager."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from vzedge.export.optimize import op_profile
+
+    x = torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(0))
+    ort_prof = op_profile(fp32, {"pixel_values": x.numpy()}, runs=3, threads=threads)
+    with torch.no_grad():
+        encoder(x)  # warm-up
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                encoder(x)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    torch_prof = {
+        "runs": 3,
+        "self_cpu_ms_per_run": round(total / 3 / 1e3, 3),
+        "ops": [
+            {
+                "op": e.key,
+                "ms_per_run": round(e.self_cpu_time_total / 3 / 1e3, 3),
+                "share": round(e.self_cpu_time_total / total, 4),
+            }
+            for e in events[:12]
+        ],
+    }
+    return {"ort_cpu_fp32": ort_prof, "torch_eager_fp32": torch_prof}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=24, help="encoder depth (24 = ViT-L/14-336)")
@@ -105,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-merge-bench", action="store_true")
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "fp16", "int8"], choices=["fp32", "fp16", "int8"])
     ap.add_argument("--no-bf16", action="store_true", help="skip the torch bf16-autocast context row")
+    ap.add_argument("--ort-variants", action="store_true", help="fp32 graph under ORT levers: graph level basic, no "
+                    "spinning, ORT transformer fusions, IO binding (what each buys vs ort_cpu_fp32)")  # fmt: skip
+    ap.add_argument("--profile", action="store_true", help="per-op profile of ORT fp32 and torch eager at batch 1")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
 
@@ -153,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
             }
         encoder = VisionZipEncoder(model, vz).eval()
         sessions = {dtype: _ort_session(out / "model.onnx", threads) for dtype, out in exports.items()}
+        variants: dict[str, Any] = {}
+        if args.ort_variants and "fp32" in exports:
+            variants = _ort_variants(exports["fp32"] / "model.onnx", tmp, threads, model.config, result)
         trt_session = None
         trt_note = "tensorrt not installed" if not tensorrt_available() else None
         if trt_note is None and not cuda_available():
@@ -180,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
                 runs[f"ort_cpu_{dtype}"] = lambda xn=xn, sess=sess: sess.run(None, {"pixel_values": xn})
             if trt_session is not None:
                 runs["ort_tensorrt_fp16"] = lambda xn=xn: trt_session.run(None, {"pixel_values": xn})
+            for name, make in variants.items():
+                runs[name] = make(xn)
             row: dict[str, Any] = {"batch": batch}
             with torch.no_grad():
                 logging.info("timing %s round-robin, batch %d", ", ".join(runs), batch)
@@ -187,11 +276,15 @@ def main(argv: list[str] | None = None) -> int:
                 row.update(measure_side_by_side(runs, args.warmup, args.iters))
             if trt_session is None:
                 row["tensorrt"] = {"skipped": trt_note}
+            if variants:
+                row["kept_vs_torch_eager"] = _kept_vs_torch(encoder, x, {k: v for k, v in runs.items() if "ort" in k})
             eager = row["visionzip_torch_eager"]["p50"]
             row["speedup_vs_visionzip_torch_p50"] = {
                 k: round(eager / v["p50"], 2) for k, v in row.items() if isinstance(v, dict) and "p50" in v
             }
             result["rows"].append(row)
+        if args.profile and "fp32" in exports:
+            result["profile_batch1"] = _profiles(exports["fp32"] / "model.onnx", encoder, threads)
         if not args.no_merge_bench:
             result["merge_only_ort"] = bench_merge(threads, args.warmup, args.iters, tmp)
     print(json.dumps(result, indent=2))

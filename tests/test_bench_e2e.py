@@ -105,12 +105,18 @@ def test_helpers_refuse_bad_specs():
 def test_projection_is_labelled_and_scales_llm_time_only():
     mod = _load_script()
 
-    def row(name, ttft, prefill, answer):
-        return {"name": name, "ttft_ms": {"p50": ttft}, "prefill_ms": {"p50": prefill}, "answer_ms": {"p50": answer}}
+    def row(name, kind, ttft, prefill, answer, encode=100.0):
+        return {"name": name, "kind": kind, "ttft_ms": {"p50": ttft}, "prefill_ms": {"p50": prefill},
+                "answer_ms": {"p50": answer}, "image_encode_ms": {"p50": encode}}  # fmt: skip
 
-    # stock: 100 ms encode + 50 ms prefill; visionzip: 100 ms encode + 10 ms prefill; 2 of 32 layers measured
-    got = mod.projection([row("stock", 150.0, 50.0, 170.0), row("vz", 110.0, 10.0, 130.0)], 2, 32)
+    # stock: 100 ms encode + 50 ms prefill; visionzip: 100 ms encode + 10 ms prefill; 2 of 32 LLM layers run
+    rows = [row("stock", "stock", 150.0, 50.0, 170.0), row("vz", "torch", 110.0, 10.0, 130.0)]
+    got = mod.projection(rows, 2, 32)
     assert got[0]["ttft_ms_p50"] == pytest.approx(100 + 50 * 16)
     assert got[1]["ttft_ms_p50"] == pytest.approx(100 + 10 * 16)
     assert got[0]["answer_ms_p50"] == pytest.approx(900 + 20 * 16)
     assert got[1]["ttft_speedup_p50"] == pytest.approx(900 / 260, abs=1e-3)
+    # 8 of 24 vision layers run: stock computes 24 vs 8 (x3), VisionZip 23 vs 7 (its layer -2)
+    got = mod.projection(rows, 2, 32, 8, 24)
+    assert got[0]["ttft_ms_p50"] == pytest.approx(300 + 50 * 16)
+    assert got[1]["ttft_ms_p50"] == pytest.approx(100 * 23 / 7 + 10 * 16, abs=0.1)

@@ -14,9 +14,11 @@ Imported only by the exporter and the benchmarks; the runtime never imports this
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -69,7 +71,8 @@ def transformer_fusions(src: str | os.PathLike[str], dst: str | os.PathLike[str]
         raise ValueError(f"num_heads={num_heads}, hidden_size={hidden_size}: need hidden_size % num_heads == 0")
     # opt_level 0: the Python fusions only; the session applies ORT's own graph optimizations at load, as it does
     # for the unfused graph, so the two differ only by what the fusions did.
-    model = optimize_model(str(src), model_type="clip", num_heads=num_heads, hidden_size=hidden_size, opt_level=0)
+    with contextlib.redirect_stdout(sys.stderr):  # it prints shape-inference notes; stdout is the caller's (JSON)
+        model = optimize_model(str(src), model_type="clip", num_heads=num_heads, hidden_size=hidden_size, opt_level=0)
     stats = {k: int(v) for k, v in model.get_fused_operator_statistics().items()}
     dst = Path(dst)
     model.save_model_to_file(str(dst), use_external_data_format=True, all_tensors_to_one_file=True)

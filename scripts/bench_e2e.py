@@ -47,7 +47,8 @@ from vzedge.flops import transformer_flops
 
 log = logging.getLogger("bench_e2e")
 
-SHAPES = {"tiny": None, "llava15-7b": "llava-1.5-7b"}
+SHAPES = {"tiny": None, "llava15-7b": "llava-1.5-7b", "llava-next-7b": "llava-v1.6-vicuna-7b"}
+NEXT_IMAGE_SIZE = 672  # a 672 x 672 image: LLaVA-NeXT's 2 x 2 grid + base = 5 crops of 336 px (2,880 tokens)
 PAPER = {
     "source": "VisionZip (Yang et al., CVPR 2025), Table 6/7, LLaVA-NeXT-7B on one A800 GPU",
     "llava_next_prefill_speedup_160_tokens": 7.8,
@@ -73,10 +74,6 @@ class Row:
     vision: str | None = None  # deployed: the export's dtype (fp32 | int8)
     quant: str = "none"  # deployed: the LLM's vzedge.quant method
 
-    @property
-    def tokens(self) -> int | None:
-        return None if self.budget is None else sum(self.budget)
-
 
 @dataclass
 class Call:
@@ -86,6 +83,7 @@ class Call:
     prefill_ms: float
     new_tokens: int
     answer_ids: list[int] = field(default_factory=list)
+    visual_tokens: int = 0
 
 
 def parse_budget(text: str) -> tuple[int, int]:
@@ -127,17 +125,19 @@ def build_model(
         from vzedge.models.tiny import weights_dir
 
         return str(weights_dir()), str(weights_dir())
-    from transformers import LlavaForConditionalGeneration
+    import transformers
 
-    from vzedge.budget.layout import resolve_config
+    from vzedge.budget.layout import VLM_CLASSES, resolve_config
     from vzedge.models.tiny import IMAGE_TOKEN, build_processor
 
     config, _ = resolve_config(SHAPES[shape])
+    cls = getattr(transformers, VLM_CLASSES[config.model_type])
     if llm_layers:
         config.text_config.num_hidden_layers = llm_layers
     if vision_layers:
         config.vision_config.num_hidden_layers = vision_layers
-    processor = build_processor(image_size=int(config.vision_config.image_size))
+    size = int(config.vision_config.image_size)
+    processor = next_processor(config) if config.model_type == "llava_next" else build_processor(image_size=size)
     config.image_token_id = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     config.pad_token_id, config.text_config.pad_token_id = 0, 0
     for c in (config, config.text_config, config.vision_config):
@@ -146,7 +146,7 @@ def build_model(
     default = torch.get_default_dtype()
     torch.set_default_dtype(DTYPES[dtype])  # initialise in the run's dtype: an fp32 copy of a 7B shape would not fit
     try:
-        model = LlavaForConditionalGeneration(config).eval()
+        model = cls(config).eval()
     finally:
         torch.set_default_dtype(default)
     model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 2
@@ -158,13 +158,36 @@ def build_model(
     return str(folder), src
 
 
+def next_processor(config: Any) -> Any:
+    """A LlavaNextProcessor for `config` (its pinpoints, 336 px crops) around the built-in byte-level tokenizer."""
+    from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
+
+    from vzedge.models.clip import CLIP_MEAN, CLIP_STD
+    from vzedge.models.tiny import CHAT_TEMPLATE, build_tokenizer
+
+    size = int(config.vision_config.image_size)
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_grid_pinpoints=config.image_grid_pinpoints,
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    )
+    return LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=build_tokenizer(),
+        patch_size=int(config.vision_config.patch_size),
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
 def export_source(vlm: Any, processor: Any, out: Path) -> str:
     """The folder `vzedge export` reads for a bf16/fp16 model. Such a checkpoint fails in export_vision (it loads in
     the checkpoint's dtype, then probes the projector with float32 zeros: "mat1 and mat2 must have the same dtype"),
     so it gets an fp32 copy of the same vision tower and projector with a one-layer stand-in LLM (the graph never
     holds the LLM)."""
-    from transformers import LlavaForConditionalGeneration
-
     from vzedge.models.tiny import VOCAB_SIZE
 
     config = type(vlm.config).from_dict(vlm.config.to_dict())
@@ -175,7 +198,7 @@ def export_source(vlm: Any, processor: Any, out: Path) -> str:
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)
     try:
-        copy = LlavaForConditionalGeneration(config).eval()
+        copy = type(vlm)(config).eval()
     finally:
         torch.set_default_dtype(default)
     copy.model.vision_tower.load_state_dict({k: v.float() for k, v in vlm.model.vision_tower.state_dict().items()})
@@ -299,7 +322,9 @@ class HFRunner:
                 remove_visionzip(self.vlm, self.processor)
         t = self.clock.t
         ids = out[0, inputs["input_ids"].shape[1] :].tolist()
+        image_id = self.vlm.config.image_token_id
         return Call(
+            visual_tokens=int((inputs["input_ids"] == image_id).sum()),
             ttft_ms=(streamer.calls[1] - t0) * 1e3,
             total_ms=(t_end - t0) * 1e3,
             encode_ms=(t["encode_end"] - t["encode_start"]) * 1e3,
@@ -326,6 +351,7 @@ class RuntimeRunner:
         ans = self.llm.answer(prefix, question, new_tokens, ignore_eos=True)
         t_end = time.perf_counter()
         return Call(
+            visual_tokens=int(tokens.shape[1]),
             ttft_ms=(t2 - t0) * 1e3 + prefix.prefill_ms + ans.ttft_ms,
             total_ms=(t_end - t0) * 1e3,
             encode_ms=(t2 - t1) * 1e3,
@@ -335,27 +361,33 @@ class RuntimeRunner:
         )
 
 
-def open_deployed(row: Row, folder: str, exports: dict[str, Path], awq_dir: Path | None, dtype: str, vlm: Any,
-                  processor: Any, template: str) -> RuntimeRunner:  # fmt: skip
-    """The ORT vision backend from the export's manifest and the LLM as `vzedge run --quant` loads it."""
+def open_deployed(row: Row, folder: str, exports: dict[str, Path], awq_dir: Path | None, dtype: str, float_model: Any,
+                  template: str) -> RuntimeRunner:  # fmt: skip
+    """The ORT vision backend from the export's manifest and the LLM as `vzedge run --quant` loads it (LLaVA-NeXT:
+    the crops through the graph as one batch, arranged by the runtime's AnyresVisionBackend). float_model: the
+    float LoadedModel, used as is for quant 'none'."""
     from vzedge.manifest import read_manifest, verify_files
     from vzedge.runtime.backends.llm import LLMBackend
     from vzedge.runtime.backends.ort import OrtVisionBackend
+    from vzedge.runtime.backends.vision import AnyresVisionBackend, is_anyres
+    from vzedge.visionzip import VisionZipConfig
 
     export_dir = exports[row.vision]
     manifest = read_manifest(export_dir)
     verify_files(export_dir, manifest)
     # Built directly, not through open_vision_backend: an AWQ checkpoint is another folder than the export's
     # source (its vzedge_quant.json names the float source), which open_vision_backend would refuse.
-    vision = OrtVisionBackend(Path(export_dir), manifest, "ort-cpu")
-    if row.quant == "none":
-        return RuntimeRunner(vision, LLMBackend(vlm, processor.tokenizer, template))
-    from vzedge.quant import QuantConfig, load_quantized
+    vision: Any = OrtVisionBackend(Path(export_dir), manifest, "ort-cpu")
+    loaded = float_model
+    if row.quant != "none":
+        from vzedge.quant import QuantConfig, load_quantized
 
-    src = str(awq_dir) if row.quant == "awq" else folder
-    if row.quant == "awq" and awq_dir is None:
-        raise ValueError("no AWQ checkpoint was made")
-    loaded = load_quantized(src, QuantConfig(method=row.quant, compute_dtype=dtype, fallback=False), device="cpu")
+        if row.quant == "awq" and awq_dir is None:
+            raise ValueError("no AWQ checkpoint was made")
+        src = str(awq_dir) if row.quant == "awq" else folder
+        loaded = load_quantized(src, QuantConfig(method=row.quant, compute_dtype=dtype, fallback=False), device="cpu")
+    if is_anyres(loaded):
+        vision = AnyresVisionBackend(loaded, VisionZipConfig(*row.budget), "reference", graph=vision)
     return RuntimeRunner(vision, LLMBackend(loaded.vlm, loaded.processor.tokenizer, template))
 
 
@@ -367,7 +399,7 @@ def answer_text(ids: list[int], eos: int) -> list[int]:
 
 
 def summarise(rows: list[Row], calls: dict[str, list[Call]], answers: dict[str, list[list[int]]],
-              flops: dict[str, float], stock_tokens: int, new_tokens: int) -> list[dict[str, Any]]:  # fmt: skip
+              flops: dict[str, float], visual: dict[str, int], new_tokens: int) -> list[dict[str, Any]]:  # fmt: skip
     out = []
     base = calls.get("stock")
     for row in rows:
@@ -381,7 +413,7 @@ def summarise(rows: list[Row], calls: dict[str, list[Call]], answers: dict[str, 
         r: dict[str, Any] = {
             "name": row.name,
             "kind": row.kind,
-            "visual_tokens": row.tokens or stock_tokens,
+            "visual_tokens": visual[row.name],
             "vision": row.vision,
             "llm_quant": row.quant,
             "ttft_ms": ttft,
@@ -479,12 +511,9 @@ def child_memory(job: dict[str, Any]) -> dict[str, Any]:
     image = images(1, job["image_size"])[0]
     if row.kind == "deployed":
         exports = {k: Path(v) for k, v in job["exports"].items()}
-        vlm = processor = None
-        if row.quant == "none":
-            loaded = load_model(job["folder"], dtype=DTYPES[job["dtype"]])
-            vlm, processor = loaded.vlm, loaded.processor
+        loaded = load_model(job["folder"], dtype=DTYPES[job["dtype"]]) if row.quant == "none" else None
         awq = Path(job["awq_dir"]) if job.get("awq_dir") else None
-        runner: Any = open_deployed(row, job["folder"], exports, awq, job["dtype"], vlm, processor, job["template"])
+        runner: Any = open_deployed(row, job["folder"], exports, awq, job["dtype"], loaded, job["template"])
     else:
         loaded = load_model(job["folder"], dtype=DTYPES[job["dtype"]])
         runner = HFRunner(loaded.vlm, loaded.processor, job["template"], "cpu")
@@ -583,15 +612,14 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_model(folder, dtype=DTYPES[dtype])
         vlm, processor = loaded.vlm, loaded.processor
         vcfg, tcfg = vlm.config.vision_config, vlm.config.text_config
-        image_size = int(vcfg.image_size)
-        stock_tokens = (image_size // int(vcfg.patch_size)) ** 2  # LLaVA's "default" strategy drops CLS
+        image_size = NEXT_IMAGE_SIZE if vlm.config.model_type == "llava_next" else int(vcfg.image_size)
 
         hf = HFRunner(vlm, processor, template, "cpu")
         runners: dict[str, Any] = {}
         for row in rows:
             try:
                 runners[row.name] = hf if row.kind != "deployed" else open_deployed(
-                    row, folder, exports, awq_dir, dtype, vlm, processor, template
+                    row, folder, exports, awq_dir, dtype, loaded, template
                 )  # fmt: skip
             except Exception as err:  # a configuration that cannot load here is reported, not fatal
                 errors.append({"name": row.name, "error": f"{type(err).__name__}: {err}"})
@@ -602,10 +630,11 @@ def main(argv: list[str] | None = None) -> int:
         # Answers (greedy, untimed; also the first warm-up): every configuration on every prompt.
         answers: dict[str, list[list[int]]] = {}
         eos = int(processor.tokenizer.eos_token_id)
+        visual: dict[str, int] = {}  # image tokens the LLM received, as counted on the way in
         for row in rows:
-            answers[row.name] = [
-                answer_text(runners[row.name](row, im, q, args.new_tokens).answer_ids, eos) for im, q in pairs
-            ]
+            first = [runners[row.name](row, im, q, args.new_tokens) for im, q in pairs]
+            answers[row.name] = [answer_text(c.answer_ids, eos) for c in first]
+            visual[row.name] = first[0].visual_tokens
         calls: dict[str, list[Call]] = {r.name: [] for r in rows}
         counter = {r.name: 0 for r in rows}
 
@@ -624,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
 
         text_tokens = len(processor.tokenizer(template.format(question=QUESTIONS[0]))["input_ids"]) - 1
         t_layers, d, m = int(tcfg.num_hidden_layers), int(tcfg.hidden_size), int(tcfg.intermediate_size)
-        flops = {r.name: transformer_flops(t_layers, (r.tokens or stock_tokens) + text_tokens, d, m) for r in rows}
+        flops = {r.name: transformer_flops(t_layers, visual[r.name] + text_tokens, d, m) for r in rows}
         full_llm = None
         if SHAPES[args.shape] is not None:
             from vzedge.budget.layout import resolve_config
@@ -654,9 +683,9 @@ def main(argv: list[str] | None = None) -> int:
                 ),
                 "prompts": args.prompts,
                 "new_tokens": args.new_tokens,
-                "stock_visual_tokens": stock_tokens,
+                "stock_visual_tokens": visual.get("stock"),
                 "setup_s": setup,
-                "rows": summarise(rows, calls, answers, flops, stock_tokens, args.new_tokens),
+                "rows": summarise(rows, calls, answers, flops, visual, args.new_tokens),
                 "errors": errors,
                 "paper": PAPER,
             }

@@ -94,44 +94,49 @@ def bench_merge(threads: int, warmup: int, iters: int, tmp: Path) -> dict[str, A
     return out
 
 
-def _ort_variants(fp32: Path, tmp: Path, threads: int, config: Any, result: dict[str, Any]) -> dict[str, Any]:
+ORT_VARIANTS = ("level_basic", "no_spinning", "transformer_fusions", "iobinding")
+
+
+def _ort_variants(fp32: Path, tmp: Path, threads: int, config: Any, result: dict[str, Any],
+                  chosen: list[str]) -> dict[str, Any]:  # fmt: skip
     """Row name -> (pixels -> run callable) for the fp32 graph under one ORT lever each (vzedge.export.optimize)."""
     from vzedge.export.optimize import cpu_session, transformer_fusions
-
-    fused = tmp / "fp32-fused" / "model.onnx"
-    fused.parent.mkdir()
-    t0 = time.perf_counter()
-    stats = transformer_fusions(fp32, fused, config.num_attention_heads, config.hidden_size)
-    result["ort_transformer_fusions"] = {
-        "seconds": round(time.perf_counter() - t0, 1),
-        "fused": {k: v for k, v in stats.items() if v},
-    }
-    basic = cpu_session(fp32, threads, level="basic")
-    no_spin = cpu_session(fp32, threads, spinning=False)
-    fused_s = cpu_session(fused, threads)
-    bound = _ort_session(fp32, threads)
-
-    def iobinding(xn: np.ndarray) -> Callable[[], Any]:
-        binding = bound.io_binding()
-        binding.bind_cpu_input("pixel_values", xn)
-        for out in bound.get_outputs():
-            binding.bind_output(out.name, "cpu")
-
-        def run() -> Any:
-            bound.run_with_iobinding(binding)
-            return binding.copy_outputs_to_cpu()
-
-        return run
 
     def plain(sess: Any) -> Callable[[np.ndarray], Callable[[], Any]]:
         return lambda xn: lambda: sess.run(None, {"pixel_values": xn})
 
-    return {
-        "ort_cpu_fp32_level_basic": plain(basic),
-        "ort_cpu_fp32_no_spinning": plain(no_spin),
-        "ort_cpu_fp32_transformer_fusions": plain(fused_s),
-        "ort_cpu_fp32_iobinding": iobinding,
-    }
+    out: dict[str, Any] = {}
+    if "level_basic" in chosen:
+        out["ort_cpu_fp32_level_basic"] = plain(cpu_session(fp32, threads, level="basic"))
+    if "no_spinning" in chosen:
+        out["ort_cpu_fp32_no_spinning"] = plain(cpu_session(fp32, threads, spinning=False))
+    if "transformer_fusions" in chosen:
+        fused = tmp / "fp32-fused" / "model.onnx"
+        fused.parent.mkdir()
+        t0 = time.perf_counter()
+        stats = transformer_fusions(fp32, fused, config.num_attention_heads, config.hidden_size)
+        result["ort_transformer_fusions"] = {
+            "seconds": round(time.perf_counter() - t0, 1),
+            "fused": {k: v for k, v in stats.items() if v},
+        }
+        out["ort_cpu_fp32_transformer_fusions"] = plain(cpu_session(fused, threads))
+    if "iobinding" in chosen:
+        bound = _ort_session(fp32, threads)
+
+        def iobinding(xn: np.ndarray) -> Callable[[], Any]:
+            binding = bound.io_binding()
+            binding.bind_cpu_input("pixel_values", xn)
+            for o in bound.get_outputs():
+                binding.bind_output(o.name, "cpu")
+
+            def run() -> Any:
+                bound.run_with_iobinding(binding)
+                return binding.copy_outputs_to_cpu()
+
+            return run
+
+        out["ort_cpu_fp32_iobinding"] = iobinding
+    return out
 
 
 def _kept_vs_torch(encoder: Any, x: torch.Tensor, runs: dict[str, Callable[[], Any]]) -> dict[str, float]:
@@ -186,8 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-merge-bench", action="store_true")
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "fp16", "int8"], choices=["fp32", "fp16", "int8"])
     ap.add_argument("--no-bf16", action="store_true", help="skip the torch bf16-autocast context row")
-    ap.add_argument("--ort-variants", action="store_true", help="fp32 graph under ORT levers: graph level basic, no "
-                    "spinning, ORT transformer fusions, IO binding (what each buys vs ort_cpu_fp32)")  # fmt: skip
+    ap.add_argument("--ort-variants", nargs="*", default=None, choices=ORT_VARIANTS, help="fp32 graph under ORT "
+                    "levers, each alone (what it buys vs ort_cpu_fp32); no names: all. Each holds its own session and "
+                    "arena: at batch 8 on ViT-L pick a few")  # fmt: skip
     ap.add_argument("--profile", action="store_true", help="per-op profile of ORT fp32 and torch eager at batch 1")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
@@ -238,8 +244,9 @@ def main(argv: list[str] | None = None) -> int:
         encoder = VisionZipEncoder(model, vz).eval()
         sessions = {dtype: _ort_session(out / "model.onnx", threads) for dtype, out in exports.items()}
         variants: dict[str, Any] = {}
-        if args.ort_variants and "fp32" in exports:
-            variants = _ort_variants(exports["fp32"] / "model.onnx", tmp, threads, model.config, result)
+        if args.ort_variants is not None and "fp32" in exports:
+            chosen = args.ort_variants or list(ORT_VARIANTS)
+            variants = _ort_variants(exports["fp32"] / "model.onnx", tmp, threads, model.config, result, chosen)
         trt_session = None
         trt_note = "tensorrt not installed" if not tensorrt_available() else None
         if trt_note is None and not cuda_available():

@@ -177,7 +177,47 @@ def _profiles(fp32: Path, encoder: Any, threads: int) -> dict[str, Any]:
             for e in events[:12]
         ],
     }
-    return {"ort_cpu_fp32": ort_prof, "torch_eager_fp32": torch_prof}
+    return {"ort_cpu_fp32": ort_prof, "torch_eager_fp32": torch_prof, "one_gemm": _one_gemm(threads)}
+
+
+def _one_gemm(threads: int) -> dict[str, Any]:
+    """The ViT-L MLP's first GEMM alone (577 x 1024 @ 1024 x 4096 + bias): torch's linear (its BLAS) vs ORT's
+    MatMul + Add (MLAS), round-robin. Separates "whose GEMM is faster" from graph-level effects."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from vzedge.export.optimize import cpu_session
+
+    n, k, m = 577, 1024, 4096
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(n, k, generator=g), torch.randn(m, k, generator=g), torch.randn(m, generator=g)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"])],
+        "one_gemm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, m])],
+        [numpy_helper.from_array(w.numpy().T.copy(), "w"), numpy_helper.from_array(b.numpy(), "b")],
+    )
+    with tempfile.TemporaryDirectory(prefix="vzedge-gemm-") as tmp:
+        path = Path(tmp) / "gemm.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+        sess = cpu_session(path, threads)
+    xn = x.numpy()
+    with torch.no_grad():
+        t = measure_side_by_side(
+            {
+                "torch_linear": lambda: torch.nn.functional.linear(x, w, b),
+                "ort_matmul_add": lambda: sess.run(None, {"x": xn}),
+            },
+            5,
+            30,
+        )
+    flop = 2 * n * k * m
+    return {
+        "shape": [n, k, m],
+        "torch_blas": torch.__config__.show().split("BLAS_INFO=")[-1].split(",")[0],
+        **{name: {**v, "gflop_s_p50": round(flop / v["p50"] / 1e6, 1)} for name, v in t.items()},
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -392,7 +392,7 @@ def section_llm(ctx: dict[str, Any]) -> dict[str, Any]:
 
 
 def section_budget(ctx: dict[str, Any]) -> dict[str, Any]:
-    from vzedge.budget.estimate import BudgetConfig
+    from vzedge.budget import BudgetConfig
     from vzedge.runtime.validate import validate
 
     cfg = BudgetConfig(model="llava-1.5-7b", quant="none", tokens=64, context=512, prompt_tokens=64, dtype="fp16")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import logging
 import os
 import platform
@@ -211,7 +212,7 @@ def section_encoder(ctx: dict[str, Any]) -> dict[str, Any]:
         out["tensorrt_engine"] = {"skipped": "tensorrt not installed: pip install 'vzedge[trt]'"}
 
     ref_enc = VisionZipEncoder(model, vz).eval()  # fp32 CPU reference
-    enc = VisionZipEncoder(model.half().cuda(), vz).eval()
+    enc = VisionZipEncoder(copy.deepcopy(model).half().cuda(), vz).eval()  # a copy: .half() works in place
     onnx_path = str(res.out / manifest["graph"]["file"])
     import onnxruntime as ort
 
@@ -242,10 +243,10 @@ def section_encoder(ctx: dict[str, Any]) -> dict[str, Any]:
     out["batches"] = []
     for batch in (1, 8):
         x = torch.randn(batch, 3, 336, 336, generator=g)
-        xc, xn = x.cuda(), x.numpy()
+        xc, xh, xn = x.cuda(), x.cuda().half(), x.numpy()
         with torch.inference_mode():
             ref = ref_enc(x)
-        runs: dict[str, Callable[[], Any]] = {"torch_cuda_eager_fp16": lambda xc=xc: enc(xc.half())}
+        runs: dict[str, Callable[[], Any]] = {"torch_cuda_eager_fp16": lambda xh=xh: enc(xh)}
         for name, s in sessions.items():
             runs[name] = lambda s=s, xn=xn: s.run(None, {"pixel_values": xn})
         if engine_backend is not None:

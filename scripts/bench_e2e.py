@@ -61,6 +61,8 @@ QUESTIONS = (
     "What word is written?",
     "Is the circle big or small?",
 )
+PREFILL_TARGET = 0.9  # measured prefill speed-up over the FLOPs ratio
+TTFT_TARGET = 4.0  # TTFT speed-up over stock at 54+10 on the 7B shapes
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -462,6 +464,23 @@ def projection(results: list[dict[str, Any]], llm_run: int, llm_full: int, visio
     return out
 
 
+def targets(result: dict[str, Any]) -> dict[str, Any]:
+    """The issue's targets, evaluated on this run: prefill speed-up >= 0.9 x the FLOPs ratio (every VisionZip row),
+    TTFT >= 4x stock at 64 tokens per image (measured; and projected to full depth where layers were truncated)."""
+    rows = [r for r in result["rows"] if r["kind"] != "stock" and "prefill_speedup_over_flops_ratio" in r]
+    prefill = {r["name"]: r["prefill_speedup_over_flops_ratio"] >= PREFILL_TARGET for r in rows}
+    at64 = [r for r in rows if r["name"] == "vzedge-torch 54+10"]
+    out: dict[str, Any] = {
+        "prefill_speedup_at_least_0.9_flops_ratio": prefill,
+        "ttft_at_least_4x_at_54+10": at64[0]["ttft_speedup_p50"] >= TTFT_TARGET if at64 else None,
+    }
+    proj = result.get("projection_full_depth")
+    if proj and at64:
+        p = next(r for r in proj["rows"] if r["name"] == "vzedge-torch 54+10")
+        out["ttft_at_least_4x_at_54+10_projected_full_depth"] = p["ttft_speedup_p50"] >= TTFT_TARGET
+    return out
+
+
 def markdown(result: dict[str, Any]) -> str:
     c = result["conditions"]
     lines = [
@@ -485,6 +504,8 @@ def markdown(result: dict[str, Any]) -> str:
         )
     for e in result.get("errors", []):
         lines.append(f"| {e['name']} | not run: {e['error'][:120]} |")
+    if "targets" in result:
+        lines += ["", f"targets: {json.dumps(result['targets'])}"]
     return "\n".join(lines)
 
 
@@ -697,6 +718,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"encode x the vision layers computed at {full_vision} vs {v_run} (stock all, VisionZip one fewer)",
                 "rows": projection(result["rows"], t_layers, full_llm, v_run, full_vision),
             }
+        result["targets"] = targets(result)
         runners.clear()  # the memory children should not share the machine with these models
         hf = vlm = loaded = None
         gc.collect()

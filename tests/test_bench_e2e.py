@@ -74,6 +74,11 @@ def test_quick_rows_tokens_and_agreement(quick):
         rows[n]["prefill_flops_ratio"] for n in ("vzedge-torch 27+5", "vzedge-torch 54+10", "vzedge-torch 108+20")
     ]
     assert ratios[0] > ratios[1] > ratios[2] > 1.0
+    # the targets block is evaluated from the rows (not asserted to be met: that is the benchmark's business)
+    t = quick["targets"]
+    assert set(t["prefill_speedup_at_least_0.9_flops_ratio"]) == set(rows) - {"stock"}
+    assert t["ttft_at_least_4x_at_54+10"] == (rows["vzedge-torch 54+10"]["ttft_speedup_p50"] >= 4.0)
+    assert "ttft_at_least_4x_at_54+10_projected_full_depth" not in t  # tiny runs at full depth: nothing projected
 
 
 @pytest.mark.slow

@@ -97,6 +97,132 @@ def bench_merge(threads: int, warmup: int, iters: int, tmp: Path) -> dict[str, A
     return out
 
 
+ORT_VARIANTS = ("level_basic", "no_spinning", "transformer_fusions", "iobinding")
+
+
+def _ort_variants(fp32: Path, tmp: Path, threads: int, config: Any, result: dict[str, Any],
+                  chosen: list[str]) -> dict[str, Any]:  # fmt: skip
+    """Row name -> (pixels -> run callable) for the fp32 graph under one ORT lever each (vzedge.export.optimize)."""
+    from vzedge.export.optimize import cpu_session, transformer_fusions
+
+    def plain(sess: Any) -> Callable[[np.ndarray], Callable[[], Any]]:
+        return lambda xn: lambda: sess.run(None, {"pixel_values": xn})
+
+    out: dict[str, Any] = {}
+    if "level_basic" in chosen:
+        out["ort_cpu_fp32_level_basic"] = plain(cpu_session(fp32, threads, level="basic"))
+    if "no_spinning" in chosen:
+        out["ort_cpu_fp32_no_spinning"] = plain(cpu_session(fp32, threads, spinning=False))
+    if "transformer_fusions" in chosen:
+        fused = tmp / "fp32-fused" / "model.onnx"
+        fused.parent.mkdir()
+        t0 = time.perf_counter()
+        stats = transformer_fusions(fp32, fused, config.num_attention_heads, config.hidden_size)
+        result["ort_transformer_fusions"] = {
+            "seconds": round(time.perf_counter() - t0, 1),
+            "fused": {k: v for k, v in stats.items() if v},
+        }
+        out["ort_cpu_fp32_transformer_fusions"] = plain(cpu_session(fused, threads))
+    if "iobinding" in chosen:
+        bound = _ort_session(fp32, threads)
+
+        def iobinding(xn: np.ndarray) -> Callable[[], Any]:
+            binding = bound.io_binding()
+            binding.bind_cpu_input("pixel_values", xn)
+            for o in bound.get_outputs():
+                binding.bind_output(o.name, "cpu")
+
+            def run() -> Any:
+                bound.run_with_iobinding(binding)
+                return binding.copy_outputs_to_cpu()
+
+            return run
+
+        out["ort_cpu_fp32_iobinding"] = iobinding
+    return out
+
+
+def _kept_vs_torch(encoder: Any, x: torch.Tensor, runs: dict[str, Callable[[], Any]]) -> dict[str, float]:
+    """Share of kept indices each ORT row has in common with torch eager on the timed input (1.0: the same)."""
+    with torch.no_grad():
+        ref = encoder(x).kept_indices.numpy()
+    out = {}
+    for name, fn in runs.items():
+        got = np.asarray(fn()[1])
+        out[name] = round(float(np.mean([len(set(a) & set(b)) / len(a) for a, b in zip(got, ref, strict=True)])), 4)
+    return out
+
+
+def _profiles(fp32: Path, encoder: Any, threads: int) -> dict[str, Any]:
+    """Where the time goes at batch 1: ORT's per-op kernel time on the fp32 graph, torch's profiler on eager."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from vzedge.export.optimize import op_profile
+
+    x = torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(0))
+    ort_prof = op_profile(fp32, {"pixel_values": x.numpy()}, runs=3, threads=threads)
+    with torch.no_grad():
+        encoder(x)  # warm-up
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                encoder(x)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    torch_prof = {
+        "runs": 3,
+        "self_cpu_ms_per_run": round(total / 3 / 1e3, 3),
+        "ops": [
+            {
+                "op": e.key,
+                "ms_per_run": round(e.self_cpu_time_total / 3 / 1e3, 3),
+                "share": round(e.self_cpu_time_total / total, 4),
+            }
+            for e in events[:12]
+        ],
+    }
+    return {"ort_cpu_fp32": ort_prof, "torch_eager_fp32": torch_prof, "one_gemm": _one_gemm(threads)}
+
+
+def _one_gemm(threads: int) -> dict[str, Any]:
+    """The ViT-L MLP's first GEMM alone (577 x 1024 @ 1024 x 4096 + bias): torch's linear (its BLAS) vs ORT's
+    MatMul + Add (MLAS), round-robin. Separates "whose GEMM is faster" from graph-level effects."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from vzedge.export.optimize import cpu_session
+
+    n, k, m = 577, 1024, 4096
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(n, k, generator=g), torch.randn(m, k, generator=g), torch.randn(m, generator=g)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"])],
+        "one_gemm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, m])],
+        [numpy_helper.from_array(w.numpy().T.copy(), "w"), numpy_helper.from_array(b.numpy(), "b")],
+    )
+    with tempfile.TemporaryDirectory(prefix="vzedge-gemm-") as tmp:
+        path = Path(tmp) / "gemm.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+        sess = cpu_session(path, threads)
+    xn = x.numpy()
+    with torch.no_grad():
+        t = measure_side_by_side(
+            {
+                "torch_linear": lambda: torch.nn.functional.linear(x, w, b),
+                "ort_matmul_add": lambda: sess.run(None, {"x": xn}),
+            },
+            5,
+            30,
+        )
+    flop = 2 * n * k * m
+    return {
+        "shape": [n, k, m],
+        "torch_blas": torch.__config__.show().split("BLAS_INFO=")[-1].split(",")[0],
+        **{name: {**v, "gflop_s_p50": round(flop / v["p50"] / 1e6, 1)} for name, v in t.items()},
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=24, help="encoder depth (24 = ViT-L/14-336)")
@@ -110,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtypes", nargs="+", default=dtypes, choices=dtypes)
     ap.add_argument("--calib-n", type=int, default=32, help="int8-static: synthetic scenes to calibrate on")
     ap.add_argument("--no-bf16", action="store_true", help="skip the torch bf16-autocast context row")
+    ap.add_argument("--ort-variants", nargs="*", default=None, choices=ORT_VARIANTS, help="fp32 graph under ORT "
+                    "levers, each alone (what it buys vs ort_cpu_fp32); no names: all. Each holds its own session and "
+                    "arena: at batch 8 on ViT-L pick a few")  # fmt: skip
+    ap.add_argument("--profile", action="store_true", help="per-op profile of ORT fp32 and torch eager at batch 1")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
 
@@ -165,6 +295,10 @@ def main(argv: list[str] | None = None) -> int:
             result["exports"][dtype] = _export_record(res.manifest, time.perf_counter() - t0)
         encoder = VisionZipEncoder(model, vz).eval()
         sessions = {dtype: _ort_session(out / "model.onnx", threads) for dtype, out in exports.items()}
+        variants: dict[str, Any] = {}
+        if args.ort_variants is not None and "fp32" in exports:
+            chosen = args.ort_variants or list(ORT_VARIANTS)
+            variants = _ort_variants(exports["fp32"] / "model.onnx", tmp, threads, model.config, result, chosen)
         trt_session = None
         trt_note = "tensorrt not installed" if not tensorrt_available() else None
         if trt_note is None and not cuda_available():
@@ -192,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
                 runs[f"ort_cpu_{dtype}"] = lambda xn=xn, sess=sess: sess.run(None, {"pixel_values": xn})
             if trt_session is not None:
                 runs["ort_tensorrt_fp16"] = lambda xn=xn: trt_session.run(None, {"pixel_values": xn})
+            for name, make in variants.items():
+                runs[name] = make(xn)
             row: dict[str, Any] = {"batch": batch}
             with torch.no_grad():
                 logging.info("timing %s round-robin, batch %d", ", ".join(runs), batch)
@@ -200,11 +336,15 @@ def main(argv: list[str] | None = None) -> int:
                 row["fidelity"] = _fidelity(encoder, x, sessions)
             if trt_session is None:
                 row["tensorrt"] = {"skipped": trt_note}
+            if variants:
+                row["kept_vs_torch_eager"] = _kept_vs_torch(encoder, x, {k: v for k, v in runs.items() if "ort" in k})
             eager = row["visionzip_torch_eager"]["p50"]
             row["speedup_vs_visionzip_torch_p50"] = {
                 k: round(eager / v["p50"], 2) for k, v in row.items() if isinstance(v, dict) and "p50" in v
             }
             result["rows"].append(row)
+        if args.profile and "fp32" in exports:
+            result["profile_batch1"] = _profiles(exports["fp32"] / "model.onnx", encoder, threads)
         if not args.no_merge_bench:
             result["merge_only_ort"] = bench_merge(threads, args.warmup, args.iters, tmp)
     print(json.dumps(result, indent=2))

@@ -62,7 +62,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 def _cmd_make_data(args: argparse.Namespace) -> int:
     from vzedge.tune import make_data
 
-    path = make_data(args.out, n=args.n, split=args.split, seed=args.seed, size=args.size)
+    path = make_data(args.out, n=args.n, split=args.split, seed=args.seed, size=args.size, variant=args.variant)
     print(f"wrote {path}: use --data {path} --images {args.out}")
     return 0
 
@@ -96,4 +96,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=("train", "test"), default="train")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=224, help="image size in pixels")
+    p.add_argument(
+        "--variant",
+        choices=("standard", "small"),
+        default="standard",
+        help="small: small shapes among distractors and a word in a corner (what `eval --data synth-small` reads)",
+    )
     p.set_defaults(func=_cmd_make_data)

@@ -22,12 +22,12 @@ class Item:
     image: Any = field(repr=False)  # PIL image
 
 
-def synth_items(n: int, seed: int, image_size: int) -> list[Item]:
-    """The held-out synthetic test split, kinds balanced, rendered at the model's image size."""
+def synth_items(n: int, seed: int, image_size: int, variant: str = "standard") -> list[Item]:
+    """The held-out synthetic test split (or its `variant`), kinds balanced, rendered at the model's image size."""
 
     return [
         Item(s.id, s.kind, PROMPT_TEMPLATE.format(question=s.question), s.answer, synth.render(s.scene, image_size))
-        for s in synth.samples("test", n, seed=seed)
+        for s in synth.samples("test", n, seed=seed, variant=variant)
     ]
 
 
@@ -103,8 +103,24 @@ def score(items: list[Item], predictions: list[str]) -> dict[str, float]:
     return acc
 
 
-def baselines(items: list[Item], data: str) -> dict[str, Any]:
-    if data != "synth":
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion (better than the normal one near 0 and 1)."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def correct(items: list[Item], predictions: list[str]) -> list[bool]:
+    """Per question: exact match after normalize()."""
+    return [normalize(p) == normalize(it.answer) for it, p in zip(items, predictions, strict=True)]
+
+
+def baselines(items: list[Item], data: str, variant: str | None = "standard") -> dict[str, Any]:
+    if variant is None:
         return {}
     from collections import Counter
 
@@ -112,7 +128,7 @@ def baselines(items: list[Item], data: str) -> dict[str, Any]:
     chance = {k: synth.chance(k) for k in kinds}
     chance["overall"] = sum(synth.chance(it.kind) for it in items) / len(items)
     # The best blind guess: each kind's most frequent answer in (a large sample of) the train split.
-    train = synth.samples("train", 1200)
+    train = synth.samples("train", 1200, variant=variant)
     top = {k: Counter(s.answer for s in train if s.kind == k).most_common(1)[0][0] for k in kinds}
     prior = {
         k: sum(it.answer == top[k] for it in items if it.kind == k) / sum(it.kind == k for it in items) for k in kinds

@@ -114,7 +114,8 @@ def compare(
     if t.shape != rt.shape or k.shape != rk.shape:
         raise ParityError(f"{name}: output shapes {list(t.shape)}/{list(k.shape)} != {list(rt.shape)}/{list(rk.shape)}")
     b, n_kept = rk.shape
-    agree = sum(len(set(k[i].tolist()) & set(rk[i].tolist())) for i in range(b)) / (b * n_kept)
+    # A selector with no kept input tokens (pool) has nothing to agree on: all its rows pair by slot below.
+    agree = sum(len(set(k[i].tolist()) & set(rk[i].tolist())) for i in range(b)) / (b * n_kept) if n_kept else 1.0
     # Pair rows by source: a dominant row with the reference row of the same position; contextual rows only
     # where the image's whole selection agrees (they are merged from everything not kept).
     ours, theirs, ctx_ours, ctx_theirs = [], [], [], []

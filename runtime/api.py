@@ -56,7 +56,9 @@ def load_session(cfg: RunConfig) -> Session:
         from vzedge.models.projector import load_tuned_projector
 
         load_tuned_projector(cfg.projector, loaded.vlm, cfg.visionzip)
-    vision = open_vision_backend(cfg.vision, loaded, cfg.visionzip, cfg.vision_backend, device, cfg.layout)
+    vision = open_vision_backend(
+        cfg.vision, loaded, cfg.visionzip, cfg.vision_backend, device, cfg.layout, cfg.adaptive
+    )
     llm = LLMBackend(loaded.vlm, loaded.processor.tokenizer, cfg.template)
     log.info("loaded %s: vision %s (%d tokens), LLM %s", cfg.model, vision.name, vision.num_tokens, cfg.quant)
     return Session(cfg, loaded, vision, llm, device, time.perf_counter() - t0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from vzedge.select.adaptive import AdaptiveBudget
 from vzedge.visionzip import VisionZipConfig
 
 POLICIES = ("latest", "all")
@@ -41,6 +42,8 @@ class RunConfig:
     device: str = "auto"
     memory_interval_s: float = 0.25
     max_records: int = 10_000  # per-frame records kept for the report; older frames fold into totals
+    # Per-frame token budget (vzedge.select.adaptive): each frame at the bucket its attention mass asks for.
+    adaptive: AdaptiveBudget | None = None
 
     def __post_init__(self) -> None:
         self.quant = _QUANT_ALIASES.get(self.quant, self.quant)
@@ -56,6 +59,14 @@ class RunConfig:
             raise ValueError("a tuned projector is tuned for VisionZip tokens: drop --all-tokens or --projector")
         if self.layout not in ("reference", "newline"):
             raise ValueError(f"layout {self.layout!r}: use 'reference' or 'newline'")
+        if self.adaptive is not None:
+            if not isinstance(self.adaptive, AdaptiveBudget):
+                raise TypeError(f"adaptive must be an AdaptiveBudget, got {type(self.adaptive).__name__}")
+            if self.visionzip is None or self.vision is not None:
+                raise ValueError(
+                    "--adaptive picks each frame's token count in the PyTorch encoder: drop --vision/--all-tokens "
+                    "(an export holds one graph per token count)"
+                )
         if self.clip < 1:
             raise ValueError(f"clip must be >= 1 frame per question, got {self.clip}")
         if self.max_new_tokens < 1:
@@ -82,4 +93,6 @@ class RunConfig:
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
         d["visionzip"] = self.visionzip.to_dict() if self.visionzip is not None else None
+        d["selector"] = self.visionzip.selector if self.visionzip is not None else None
+        d["adaptive"] = self.adaptive.to_dict() if self.adaptive is not None else None
         return d

@@ -135,8 +135,11 @@ def compare(
         min_cos, mean_cos = float(cos.min()), float(cos.mean())
     else:
         min_cos, mean_cos = -1.0, -1.0
-    diff = float((torch.stack(ours) - torch.stack(theirs)).abs().max()) if ours else float("inf")
     ctx_diff = float((torch.stack(ctx_ours) - torch.stack(ctx_theirs)).abs().max()) if ctx_ours else 0.0
+    if ours:
+        diff = float((torch.stack(ours) - torch.stack(theirs)).abs().max())
+    else:  # pool keeps no input token: every row is compared by slot, under the strict (dominant) limit too
+        diff = ctx_diff if n_kept == 0 and ctx_ours else float("inf")
     return ParityFigures(
         inputs=name,
         batch=b,

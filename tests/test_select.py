@@ -291,3 +291,86 @@ def test_selector_exports_through_the_parity_gate(selector, tmp_path):
             ref = enc(x)
         assert torch.equal(torch.from_numpy(kept_idx), ref.kept_indices)
         torch.testing.assert_close(torch.from_numpy(tokens), ref.tokens, atol=1e-4, rtol=1e-4)
+
+
+# --- the small-regions split, intervals, eval and runtime --------------------------------------------------------
+
+
+def test_synth_small_split():
+    from vzedge import synth
+
+    s = synth.samples("test", 30, variant="small")
+    assert [x.kind for x in s[:3]] == list(synth.SMALL_KINDS) == ["colour", "shape", "word"]
+    for x in s:
+        shapes = x.scene.shapes
+        if x.kind == "colour":
+            target = [t for t in shapes if t.shape in x.question]
+            assert len(target) == 1 and target[0].size == "small" and target[0].colour == x.answer
+        elif x.kind == "shape":
+            target = [t for t in shapes if t.colour in x.question]
+            assert len(target) == 1 and target[0].size == "small" and target[0].shape == x.answer
+        else:
+            assert x.answer == x.scene.word and shapes
+    standard = {t.scene.seed for t in synth.samples("test", 30)}
+    assert standard.isdisjoint({t.scene.seed for t in s}), "own seeds, disjoint from the standard split"
+    with pytest.raises(ValueError, match="variant='tiny'"):
+        synth.samples("test", 3, variant="tiny")
+
+
+def test_wilson_interval_numbers():
+    from vzedge.eval.data import wilson_interval
+
+    lo, hi = wilson_interval(50, 100)
+    assert abs(lo - 0.4038) < 1e-4 and abs(hi - 0.5962) < 1e-4
+    lo, hi = wilson_interval(0, 20)
+    assert lo == 0.0 and abs(hi - 0.1611) < 1e-4
+    lo, hi = wilson_interval(30, 30)
+    assert abs(lo - 0.8865) < 1e-4 and hi == 1.0
+
+
+def test_eval_json_has_intervals_and_adaptive_rows(tmp_path, capsys):
+    from vzedge.cli import run
+
+    out = tmp_path / "e.json"
+    argv = ["eval", "--model", "tiny", "--data", "synth-small", "--tokens", "576,64", "--n", "6"]
+    argv += ["--methods", "divprune", "--adaptive", "32,64", "--max-new-tokens", "6", "--json", str(out)]
+    assert run(argv) == 0
+    assert "95% CI" in capsys.readouterr().out
+    res = json.loads(out.read_text())
+    assert res["data"] == "synth-small" and res["kinds"] == {"colour": 2, "shape": 2, "word": 2}
+    methods = [r["method"] for r in res["rows"]]
+    assert methods[:2] == ["full", "divprune"] and "divprune+adaptive" in methods
+    for r in res["rows"]:
+        acc = r["accuracy"]["overall"]
+        assert r["correct"] == round(acc * 6)
+        assert 0 <= r["ci_low"] <= acc <= r["ci_high"] <= 1
+        assert r["ci_high"] - r["ci_low"] > 0.3  # 6 questions: a wide interval, honestly
+    ad = res["adaptive"]
+    assert ad["buckets"] == [14, 28] and sum(ad["bucket_images"].values()) == 6
+    row = next(r for r in res["rows"] if r["method"] == "divprune+adaptive")
+    expect = sum(int(k) * v for k, v in ad["bucket_images"].items()) / 6
+    assert abs(row["tokens"] - expect) < 0.01 and row["budget"] is None
+    fixed = ad["fixed_tokens_compared"]
+    assert any(r["method"] == "divprune" and r["tokens"] == fixed for r in res["rows"])
+
+
+def test_runtime_adaptive_backend_and_config():
+    from vzedge.models.loading import load_model
+    from vzedge.runtime.backends.vision import TorchVisionBackend
+    from vzedge.runtime.config import RunConfig
+
+    budget = AdaptiveBudget((8, 16, 28), 0.5)
+    with pytest.raises(ValueError, match="drop --vision"):
+        RunConfig(vision="out/x", adaptive=budget)
+    assert RunConfig(adaptive=budget).to_dict()["adaptive"]["buckets"] == [8, 16, 28]
+    loaded = load_model("tiny")
+    backend = TorchVisionBackend(loaded, VisionZipConfig(24, 4, selector="divprune"), "cpu", budget)
+    assert backend.name == "torch-divprune-adaptive-8/16/28" and backend.num_tokens == 28
+    from vzedge import synth
+
+    images = [synth.render(s.scene, 224) for s in synth.samples("test", 3, variant="small")]
+    prepared = backend.prepare(images)
+    tokens = backend.encode_prepared(prepared)
+    chosen = backend.encoder.forward_adaptive(prepared.pixels, budget)
+    per_image = [budget.buckets[int(b)] for b in chosen.bucket]
+    assert tokens.shape == (1, sum(per_image), loaded.vlm.config.text_config.hidden_size)

@@ -350,6 +350,7 @@ def test_eval_json_has_intervals_and_adaptive_rows(tmp_path, capsys):
     row = next(r for r in res["rows"] if r["method"] == "divprune+adaptive")
     expect = sum(int(k) * v for k, v in ad["bucket_images"].items()) / 6
     assert abs(row["tokens"] - expect) < 0.01 and row["budget"] is None
+    assert "vs_random" not in row  # no random row to pair with in this run
     fixed = ad["fixed_tokens_compared"]
     assert any(r["method"] == "divprune" and r["tokens"] == fixed for r in res["rows"])
 
@@ -374,3 +375,14 @@ def test_runtime_adaptive_backend_and_config():
     chosen = backend.encoder.forward_adaptive(prepared.pixels, budget)
     per_image = [budget.buckets[int(b)] for b in chosen.bucket]
     assert tokens.shape == (1, sum(per_image), loaded.vlm.config.text_config.hidden_size)
+
+
+def test_mcnemar_exact_numbers():
+    from vzedge.eval.data import mcnemar_exact
+
+    a = [True] * 10 + [False] * 2 + [True] * 5
+    b = [False] * 10 + [True] * 2 + [True] * 5
+    res = mcnemar_exact(a, b)
+    # 10 vs 2 discordant: two-sided exact p = 2 * P(X <= 2 | n = 12, 1/2) = 2 * 79 / 4096.
+    assert res["a_only"] == 10 and res["b_only"] == 2 and abs(res["p_value"] - 158 / 4096) < 1e-6
+    assert mcnemar_exact([True, False], [True, False])["p_value"] == 1.0

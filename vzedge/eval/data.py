@@ -114,6 +114,19 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def mcnemar_exact(a: list[bool], b: list[bool]) -> dict[str, float]:
+    """Paired comparison of two methods on the same questions: a_only (a right, b wrong), b_only, and the exact
+    two-sided McNemar p-value (binomial test on the discordant pairs). Far more sensitive than comparing two
+    independent intervals, since both methods answer the same questions."""
+    from math import comb
+
+    a_only = sum(x and not y for x, y in zip(a, b, strict=True))
+    b_only = sum(y and not x for x, y in zip(a, b, strict=True))
+    n = a_only + b_only
+    tail = sum(comb(n, i) for i in range(min(a_only, b_only) + 1)) / 2**n if n else 1.0
+    return {"a_only": a_only, "b_only": b_only, "p_value": round(min(1.0, 2 * tail), 6)}
+
+
 def correct(items: list[Item], predictions: list[str]) -> list[bool]:
     """Per question: exact match after normalize()."""
     return [normalize(p) == normalize(it.answer) for it, p in zip(items, predictions, strict=True)]

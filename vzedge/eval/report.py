@@ -23,7 +23,7 @@ def markdown_table(result: dict[str, Any]) -> str:
     """Budgets as rows, methods side by side, accuracy per kind: what the README shows."""
     rows = result["rows"]
     kinds = [k for k in rows[0]["accuracy"] if k != "overall"]
-    head = ["method", "budget", "tokens", "overall", "95% CI", "% of full", *kinds]
+    head = ["method", "budget", "tokens", "overall", "95% CI", "p vs random", "% of full", *kinds]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         method = r["method"] + (f" {r['dominant']}+{r['contextual']}" if r["dominant"] is not None else "")
@@ -36,6 +36,7 @@ def markdown_table(result: dict[str, Any]) -> str:
             str(r["tokens"]),
             f"{100 * r['accuracy']['overall']:.1f}",
             ci,
+            f"{r['vs_random']['p_value']:.2g}" if r.get("vs_random") else "-",
             f"{100 * r['relative_to_full']:.0f}%" if r["relative_to_full"] is not None else "-",
             *(f"{100 * r['accuracy'][k]:.0f}" for k in kinds),
         ]
@@ -52,6 +53,7 @@ def markdown_table(result: dict[str, Any]) -> str:
                         "-",
                         "0",
                         f"{100 * b['overall']:.1f}",
+                        "-",
                         "-",
                         "-",
                         *(f"{100 * b.get(k, 0):.0f}" for k in kinds),
@@ -112,7 +114,7 @@ def plot(result: dict[str, Any], path: str) -> None:
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_title(f"{result['model']} on {os.path.basename(result['data'])}: {result['questions']} questions")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_path(path) as tmp:

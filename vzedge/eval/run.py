@@ -38,7 +38,7 @@ from vzedge import synth
 from vzedge.bench import conditions
 from vzedge.encoder import VisionZipEncoder
 from vzedge.eval.config import ADAPTIVE_SUFFIX, LLAVA15_PATCHES, TUNED_METHOD, EvalConfig, TunedRow
-from vzedge.eval.data import Item, baselines, correct, llava_items, score, synth_items, wilson_interval
+from vzedge.eval.data import Item, baselines, correct, llava_items, mcnemar_exact, score, synth_items, wilson_interval
 from vzedge.eval.reduce import adapt_tower, reduced_tokens, scaled_budget, stock_image_tokens, visionzip_split
 from vzedge.eval.report import tuning_summary
 from vzedge.models.loading import load_model
@@ -207,6 +207,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         items = llava_items(cfg.data, cfg.images or "", cfg.n)
     stock = stock_image_tokens(vlm)
     rows: list[dict[str, Any]] = []
+    hits: list[list[bool]] = []  # per row, per question: right or wrong (for the paired comparison)
     t0 = time.perf_counter()
 
     def record(
@@ -221,11 +222,12 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     ) -> None:
         acc = score(items, preds)
         ok = correct(items, preds)
+        hits.append(ok)
         lo, hi = wilson_interval(sum(ok), len(ok))
         per_kind = {}
         for kind in sorted({it.kind for it in items}):
-            hits = [c for c, it in zip(ok, items, strict=True) if it.kind == kind]
-            per_kind[kind] = [round(v, 4) for v in wilson_interval(sum(hits), len(hits))]
+            kind_ok = [c for c, it in zip(ok, items, strict=True) if it.kind == kind]
+            per_kind[kind] = [round(v, 4) for v in wilson_interval(sum(kind_ok), len(kind_ok))]
         rows.append(
             {
                 "method": method,
@@ -277,6 +279,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     adaptive = None
     if cfg.adaptive:
         adaptive = run_adaptive(cfg, vlm, processor, items, num_patches, rows, record)
+    paired_with_random(rows, hits)
     full = rows[0]["accuracy"]["overall"]
     for r in rows:
         r["relative_to_full"] = round(r["accuracy"]["overall"] / full, 4) if full > 0 else None
@@ -298,6 +301,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "baselines": baselines(items, cfg.data, variant),
         "adaptive": adaptive,
         "interval": "95% Wilson score interval over the row's questions (ci_low, ci_high; ci_per_kind)",
+        "paired": "vs_random: the same questions answered by random selection at the same token count (the "
+        "adaptive rows: random+adaptive); a_only / b_only = questions only this row / only random got right, "
+        "p_value = exact two-sided McNemar test",
         "attention": diag,
         "rows": rows,
         "seconds": round(time.perf_counter() - t0, 1),
@@ -376,3 +382,18 @@ def run_adaptive(
         "needed_mean": round(sum(needed) / len(needed), 3),
         "bucket_images": {str(counts[i]): len(idx) for i, idx in groups.items()},
     }
+
+
+def paired_with_random(rows: list[dict[str, Any]], hits: list[list[bool]]) -> None:
+    """Add `vs_random` to every row that has a random row at the same token count (same kind: fixed or
+    adaptive): the paired McNemar comparison on the same questions."""
+    randoms = {}
+    for r, ok in zip(rows, hits, strict=True):
+        if r["method"] in ("random", "random" + ADAPTIVE_SUFFIX):
+            randoms[(r["method"].endswith(ADAPTIVE_SUFFIX), r["tokens"])] = ok
+    for r, ok in zip(rows, hits, strict=True):
+        adaptive = r["method"].endswith(ADAPTIVE_SUFFIX)
+        ref = randoms.get((adaptive, r["tokens"]))
+        if ref is None or r["method"].split("+")[0] == "random":
+            continue
+        r["vs_random"] = mcnemar_exact(ok, ref)

@@ -44,7 +44,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from vzedge.eval.config import METHODS, SYNTH_DATA
+    from vzedge.eval.config import DEFAULT_METHODS, METHODS, SYNTH_DATA
 
     p = sub.add_parser("eval", help="accuracy vs visual-token budget: every token selector, with 95% intervals")
     p.add_argument("--model", default="tiny", help="a LLaVA model: 'tiny', a local folder, or a hub id")
@@ -57,7 +57,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images", default=None, help="folder of the JSON file's images")
     p.add_argument("--tokens", default="576,192,128,64", help="budgets in LLaVA-1.5 tokens (576 = all), scaled")
     p.add_argument("--no-scale", action="store_true", help="use --tokens as literal counts on the model's grid")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"token selectors to compare ({','.join(METHODS)})")
+    p.add_argument(
+        "--methods", default=",".join(DEFAULT_METHODS), help=f"token selectors to compare (any of {','.join(METHODS)})"
+    )
     p.add_argument("--n", type=int, default=300, help="questions (synth: balanced kinds; JSON: first N, 0 = all)")
     p.add_argument("--seed", type=int, default=0, help="synth test split and random-selection seed")
     p.add_argument("--batch-size", type=int, default=32)

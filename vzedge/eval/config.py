@@ -12,6 +12,7 @@ from vzedge.synth import VARIANTS
 from vzedge.visionzip import SELECTORS, VisionZipConfig
 
 METHODS = SELECTORS  # every token selector of vzedge.select, each a row per budget
+DEFAULT_METHODS = ("visionzip", "random", "pool")  # the rows eval gave before the other selectors existed
 ADAPTIVE_SUFFIX = "+adaptive"
 # Built-in synthetic test splits by --data name: the standard scenes and the small-regions variant.
 SYNTH_DATA = {"synth" if v == "standard" else f"synth-{v}": v for v in VARIANTS}
@@ -41,7 +42,7 @@ class EvalConfig:
     images: str | None = None
     tokens: tuple[int, ...] = (576, 192, 128, 64)
     scale: bool = True
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = DEFAULT_METHODS
     n: int = 300
     seed: int = 0
     batch_size: int = 32

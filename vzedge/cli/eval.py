@@ -46,7 +46,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     from vzedge.eval.config import DEFAULT_METHODS, METHODS, SYNTH_DATA
 
-    p = sub.add_parser("eval", help="accuracy vs visual-token budget: every token selector, with 95% intervals")
+    p = sub.add_parser("eval", help="accuracy vs visual-token budget: every token selector, with 95%% intervals")
     p.add_argument("--model", default="tiny", help="a LLaVA model: 'tiny', a local folder, or a hub id")
     p.add_argument(
         "--data",

@@ -100,6 +100,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--variant",
         choices=("standard", "small"),
         default="standard",
-        help="small: small shapes among distractors and a word in a corner (what `eval --data synth-small` reads)",
+        help="small: only questions about one small region (a small shape's colour or kind, the word), "
+        "what `eval --data synth-small` reads",
     )
     p.set_defaults(func=_cmd_make_data)

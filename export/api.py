@@ -240,7 +240,7 @@ def _export_locked(cfg: ExportConfig) -> ExportResult:
                 "dynamic int8 graphs are for ONNX Runtime on CPU; TensorRT int8 engines come from int8-static exports"
             )
         precision = visionzip_precision(proto)
-        _check_precision(precision)
+        _check_precision(precision, selects=encoder.selector.kept_count(cfg.visionzip) > 0)
         del proto
 
         session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
@@ -270,6 +270,10 @@ def _export_locked(cfg: ExportConfig) -> ExportResult:
                     "output_width": width,
                 },
                 "visionzip": cfg.visionzip.to_dict(),
+                "selector": {
+                    **encoder.selector.describe(),
+                    "kept_indices": encoder.selector.kept_count(cfg.visionzip),
+                },
                 "projector": cfg.projector,
                 "projector_weights": tuned,
                 "graph": {
@@ -286,7 +290,11 @@ def _export_locked(cfg: ExportConfig) -> ExportResult:
                     ],
                     "outputs": [
                         {"name": OUTPUT_NAMES[0], "shape": [BATCH_DIM, k, width], "dtype": token_dtype},
-                        {"name": OUTPUT_NAMES[1], "shape": [BATCH_DIM, cfg.visionzip.dominant], "dtype": "int64"},
+                        {
+                            "name": OUTPUT_NAMES[1],
+                            "shape": [BATCH_DIM, encoder.selector.kept_count(cfg.visionzip)],
+                            "dtype": "int64",
+                        },
                     ],
                     "batch": {"min": 1, "max": cfg.max_batch},
                 },
@@ -319,10 +327,11 @@ def _quantize(
     return quantize_int8_static(src, dst, encoder, calib, INPUT_NAME, cfg.max_batch)
 
 
-def _check_precision(precision: dict[str, Any]) -> None:
-    """VisionZip's scoring, key norm and merge must be float32 in every graph (the core casts them)."""
+def _check_precision(precision: dict[str, Any], selects: bool = True) -> None:
+    """VisionZip's scoring, key norm and merge must be float32 in every graph (the core casts them); a selector
+    that selects (all but pool) must have its TopK."""
     bad = {k: v for k, v in precision.items() if isinstance(v, list) and any("float32" not in t for t in v)}
-    if bad or not precision["TopK"]:
+    if bad or (selects and not precision["TopK"]):
         raise RuntimeError(f"VisionZip ops are not float32 in the exported graph: {precision}")
     if precision["Pow_in_norm"]:
         raise RuntimeError(f"the graph has a decomposed LayerNorm (Pow -> ReduceMean): {precision}")

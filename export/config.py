@@ -70,6 +70,12 @@ class ExportConfig:
         object.__setattr__(self, "out", Path(self.out))
         if not isinstance(self.visionzip, VisionZipConfig):
             raise TypeError(f"visionzip must be a VisionZipConfig, got {type(self.visionzip).__name__}")
+        if self.visionzip.selector == "random":
+            raise ValueError(
+                "--selector random draws from torch's seeded generator on every call, which no ONNX graph "
+                "reproduces (no parity gate could pass); it is an evaluation baseline: export visionzip, divprune, "
+                "vispruner or pool"
+            )
         if self.dtype not in DTYPES:
             raise ValueError(
                 f"dtype={self.dtype!r} is not one of {DTYPES}; use --dtype fp32, fp16, int8 or int8-static"

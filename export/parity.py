@@ -145,7 +145,8 @@ def compare(
     if t.shape != rt.shape or k.shape != rk.shape:
         raise ParityError(f"{name}: output shapes {list(t.shape)}/{list(k.shape)} != {list(rt.shape)}/{list(rk.shape)}")
     b, n_kept = rk.shape
-    agree = sum(len(set(k[i].tolist()) & set(rk[i].tolist())) for i in range(b)) / (b * n_kept)
+    # A selector with no kept input tokens (pool) has nothing to agree on: all its rows pair by slot below.
+    agree = sum(len(set(k[i].tolist()) & set(rk[i].tolist())) for i in range(b)) / (b * n_kept) if n_kept else 1.0
     # Pair rows by source: a dominant row with the reference row of the same position; contextual rows only
     # where the image's whole selection agrees (they are merged from everything not kept).
     ours, theirs, ctx_ours, ctx_theirs = [], [], [], []
@@ -166,10 +167,16 @@ def compare(
     else:
         min_cos, mean_cos = -1.0, -1.0
     cosine = torch.nn.functional.cosine_similarity
-    dom_cos = float(cosine(torch.stack(ours), torch.stack(theirs), dim=-1).min()) if ours else -1.0
     ctx_cos = float(cosine(torch.stack(ctx_ours), torch.stack(ctx_theirs), dim=-1).min()) if ctx_ours else 1.0
-    diff = float((torch.stack(ours) - torch.stack(theirs)).abs().max()) if ours else float("inf")
+    if ours:
+        dom_cos = float(cosine(torch.stack(ours), torch.stack(theirs), dim=-1).min())
+    else:  # pool: no kept token, every row held to the dominant bar
+        dom_cos = ctx_cos if n_kept == 0 and ctx_ours else -1.0
     ctx_diff = float((torch.stack(ctx_ours) - torch.stack(ctx_theirs)).abs().max()) if ctx_ours else 0.0
+    if ours:
+        diff = float((torch.stack(ours) - torch.stack(theirs)).abs().max())
+    else:  # pool keeps no input token: every row is compared by slot, under the strict (dominant) limit too
+        diff = ctx_diff if n_kept == 0 and ctx_ours else float("inf")
     return ParityFigures(
         inputs=name,
         batch=b,

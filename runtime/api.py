@@ -56,7 +56,9 @@ def load_session(cfg: RunConfig) -> Session:
         from vzedge.models.projector import load_tuned_projector
 
         load_tuned_projector(cfg.projector, loaded.vlm, cfg.visionzip)
-    vision = open_vision_backend(cfg.vision, loaded, cfg.visionzip, cfg.vision_backend, device, cfg.layout)
+    vision = open_vision_backend(
+        cfg.vision, loaded, cfg.visionzip, cfg.vision_backend, device, cfg.layout, cfg.adaptive
+    )
     from vzedge.prompt import question_template
 
     template = cfg.template if cfg.template is not None else question_template(loaded.processor)

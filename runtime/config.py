@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from vzedge.images import ImageLimits
+from vzedge.select.adaptive import AdaptiveBudget
 from vzedge.visionzip import VisionZipConfig
 
 POLICIES = ("latest", "all")
@@ -43,6 +44,8 @@ class RunConfig:
     memory_interval_s: float = 0.25
     max_records: int = 10_000  # per-frame records kept for the report; older frames fold into totals
     image_limits: ImageLimits = field(default_factory=ImageLimits)  # checked from each file's header
+    # Per-frame token budget (vzedge.select.adaptive): each frame at the bucket its attention mass asks for.
+    adaptive: AdaptiveBudget | None = None
 
     def __post_init__(self) -> None:
         self.quant = _QUANT_ALIASES.get(self.quant, self.quant)
@@ -58,6 +61,14 @@ class RunConfig:
             raise ValueError("a tuned projector is tuned for VisionZip tokens: drop --all-tokens or --projector")
         if self.layout not in ("reference", "newline"):
             raise ValueError(f"layout {self.layout!r}: use 'reference' or 'newline'")
+        if self.adaptive is not None:
+            if not isinstance(self.adaptive, AdaptiveBudget):
+                raise TypeError(f"adaptive must be an AdaptiveBudget, got {type(self.adaptive).__name__}")
+            if self.visionzip is None or self.vision is not None:
+                raise ValueError(
+                    "--adaptive picks each frame's token count in the PyTorch encoder: drop --vision/--all-tokens "
+                    "(an export holds one graph per token count)"
+                )
         if self.clip < 1:
             raise ValueError(f"clip must be >= 1 frame per question, got {self.clip}")
         if self.max_new_tokens < 1:
@@ -88,4 +99,6 @@ class RunConfig:
         d = dict(self.__dict__)
         d["visionzip"] = self.visionzip.to_dict() if self.visionzip is not None else None
         d["image_limits"] = {"max_pixels": self.image_limits.max_pixels, "max_aspect": self.image_limits.max_aspect}
+        d["selector"] = self.visionzip.selector if self.visionzip is not None else None
+        d["adaptive"] = self.adaptive.to_dict() if self.adaptive is not None else None
         return d

@@ -23,6 +23,7 @@ class FrameRecord:
     status: str = "pending"  # processed | dropped | failed
     stage_ms: dict[str, float] = field(default_factory=dict)
     new_tokens: int = 0
+    image_tokens: int = 0  # visual tokens this frame's question saw (varies per frame with --adaptive)
     cache_hit: bool = False
     dropped_at: str | None = None
     error: str | None = None
@@ -225,6 +226,11 @@ class RunMetrics:
             "new_tokens": tokens,
             "decode_tokens_per_s": round(tokens / decode_s, 3) if decode_s > 0 else None,
             "cache_hits": sum(r.cache_hit for r in done) + self._folded_hits,
+            "image_tokens_mean": (
+                round(sum(r.image_tokens for r in done) / len(done), 3)
+                if done and any(r.image_tokens for r in done)
+                else None
+            ),
             "stages_ms": stages,
             "errors": [{"frame": r.index, "stage": r.dropped_at, "error": r.error} for r in recs if r.error][:20],
         }

@@ -30,7 +30,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"frames: {f['seen']} seen, {f['processed']} processed, {f['dropped']} dropped "
         f"{f['dropped_by_stage'] or ''}, {f['failed']} failed, {f['pending']} unaccounted; "
         f"{s['frames_per_s']:.2f} frames/s over {s['elapsed_s']:.1f} s; "
-        f"decode {s['decode_tokens_per_s'] or 0:.1f} tok/s; token-cache hits {s['cache_hits']}",
+        f"decode {s['decode_tokens_per_s'] or 0:.1f} tok/s; token-cache hits {s['cache_hits']}"
+        + (f"; image tokens per question {s['image_tokens_mean']:.1f} (mean)" if s.get("image_tokens_mean") else ""),
     ]
     mem = s.get("memory")
     if mem:

@@ -113,6 +113,7 @@ class Pipeline:
             sync(tokens.device)
             self.cache.put(item.key, tokens)
         m.frame(idx).cache_hit = hit
+        m.frame(idx).image_tokens = int(tokens.shape[1])
         m.stage(idx, "vision", (time.perf_counter() - t1) * 1e3)
         item.tokens = tokens
 

@@ -6,6 +6,7 @@ implementation of the computation.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import torch
@@ -13,6 +14,8 @@ from torch import nn
 
 from vzedge.models import adapt_vision_tower
 from vzedge.models.base import VisionTower
+from vzedge.select import AdaptiveBudget, SelectionInputs, get_selector
+from vzedge.select.adaptive import split_budget
 from vzedge.visionzip import (
     VisionZipConfig,
     cls_attention_scores,
@@ -25,13 +28,24 @@ from vzedge.visionzip import (
 
 
 class VisionZipOutput(NamedTuple):
-    """tokens [B, dominant + contextual, D]; kept_indices [B, dominant] ascending sequence positions
-    (CLS = 0 included for CLIP); scores [B, N] float32 (CLS-row attention for CLIP, attention
-    received for SigLIP)."""
+    """tokens [B, dominant + contextual, D]; kept_indices [B, kept] ascending sequence positions of the
+    output tokens that are input tokens (visionzip: the dominant ones, CLS = 0 included for CLIP; divprune,
+    vispruner, random: all; pool: none); scores [B, N] float32 (CLS-row attention for CLIP, attention
+    received for SigLIP; [B, 0] for selectors that need no attention)."""
 
     tokens: torch.Tensor
     kept_indices: torch.Tensor
     scores: torch.Tensor
+
+
+class AdaptiveOutput(NamedTuple):
+    """Per image: tokens [K_i, D] at its bucket's count K_i, kept_indices [kept_i]; bucket [B] index into
+    the budget's buckets; needed [B] the tokens the rule asked for before rounding up."""
+
+    tokens: list[torch.Tensor]
+    kept_indices: list[torch.Tensor]
+    bucket: torch.Tensor
+    needed: torch.Tensor
 
 
 class VisionZipExplanation(NamedTuple):
@@ -67,9 +81,12 @@ class VisionZipEncoder(nn.Module):
                 f"layer={cfg.layer} is out of range for a {n_layers}-layer encoder; "
                 f"use -{n_layers} <= layer <= {n_layers - 1} (-2 is LLaVA's feature layer)"
             )
-        check_token_budget(cfg, tower)
+        self.selector = get_selector(cfg.selector)
+        check_selector_budget(cfg, tower)
         self.cfg = cfg
         self.tower = tower
+        # The random selector's draws advance with every call, reproducibly from cfg.seed.
+        self.generator = torch.Generator().manual_seed(cfg.seed) if cfg.selector == "random" else None
         # Registered so .to()/.half() and export see the weights; the adapter only holds references.
         self.vision = tower.module
         self.layer_index = cfg.layer % n_layers
@@ -126,10 +143,59 @@ class VisionZipEncoder(nn.Module):
         if not torch.compiler.is_compiling():
             self.check_pixels(pixel_values)
         x = self._layer_inputs(pixel_values)
+        if self.cfg.selector == "visionzip":  # the released algorithm, exactly as before selectors existed
+            scores, keys = self._score_and_keys(x)
+            hidden = self.tower.layers[self.layer_index](x, None)
+            tokens, kept = compress(hidden, scores, keys, self.cfg, self.tower.has_cls)
+            return VisionZipOutput(tokens, kept, scores)
+        scores = keys = None
+        if self.selector.needs_attention:
+            scores, keys = self._score_and_keys(x)
+        hidden = self.tower.layers[self.layer_index](x, None)
+        inputs = SelectionInputs(hidden, scores, keys, self.tower.has_cls, self.tower.grid)
+        tokens, kept = self.selector.select(inputs, self.cfg, self.generator)
+        if scores is None:
+            scores = hidden.new_zeros(hidden.shape[0], 0, dtype=torch.float32)
+        return VisionZipOutput(tokens, kept, scores)
+
+    def bucket_config(self, k: int) -> VisionZipConfig:
+        """This encoder's config at k tokens (the paper's 54:10 split), checked against the tower."""
+        dominant, contextual = split_budget(k)
+        cfg = dataclasses.replace(self.cfg, dominant=dominant, contextual=contextual)
+        check_selector_budget(cfg, self.tower)
+        return cfg
+
+    @torch.no_grad()
+    def choose_buckets(self, pixel_values: torch.Tensor, budget: AdaptiveBudget) -> tuple[torch.Tensor, torch.Tensor]:
+        """(bucket index [B], tokens asked for before rounding [B]) of the attention-mass rule, without selecting."""
+        self.check_pixels(pixel_values)
+        scores, _ = self._score_and_keys(self._layer_inputs(pixel_values))
+        return budget.bucket_index(scores, self.tower.has_cls), budget.counts(scores, self.tower.has_cls)
+
+    @torch.no_grad()
+    def forward_adaptive(self, pixel_values: torch.Tensor, budget: AdaptiveBudget) -> AdaptiveOutput:
+        """Each image at its own bucket's token count (see `vzedge.select.adaptive`): the layers run once,
+        the selector once per bucket present, on that bucket's images (each call static-shape)."""
+        if not isinstance(budget, AdaptiveBudget):
+            raise TypeError(f"budget must be an AdaptiveBudget, got {type(budget).__name__}")
+        self.check_pixels(pixel_values)
+        configs = [self.bucket_config(k) for k in budget.buckets]
+        x = self._layer_inputs(pixel_values)
         scores, keys = self._score_and_keys(x)
         hidden = self.tower.layers[self.layer_index](x, None)
-        tokens, kept = compress(hidden, scores, keys, self.cfg, self.tower.has_cls)
-        return VisionZipOutput(tokens, kept, scores)
+        needed = budget.counts(scores, self.tower.has_cls)
+        bucket = budget.bucket_index(scores, self.tower.has_cls)
+        tokens: list[torch.Tensor] = [hidden.new_zeros(0)] * hidden.shape[0]
+        kept: list[torch.Tensor] = [bucket.new_zeros(0)] * hidden.shape[0]
+        for i, cfg in enumerate(configs):
+            rows = (bucket == i).nonzero().flatten()
+            if rows.numel() == 0:
+                continue
+            sub = SelectionInputs(hidden[rows], scores[rows], keys[rows], self.tower.has_cls, self.tower.grid)
+            t, k = self.selector.select(sub, cfg, self.generator)
+            for j, r in enumerate(rows.tolist()):
+                tokens[r], kept[r] = t[j], k[j]
+        return AdaptiveOutput(tokens, kept, bucket, needed)
 
     @torch.no_grad()
     def explain(self, pixel_values: torch.Tensor) -> VisionZipExplanation:
@@ -140,6 +206,14 @@ class VisionZipEncoder(nn.Module):
         kept = select_dominant(scores, self.cfg.dominant, self.tower.has_cls)
         groups, targets = contextual_groups(keys, kept, self.cfg.contextual)
         return VisionZipExplanation(scores, kept, groups, targets)
+
+
+def check_selector_budget(cfg: VisionZipConfig, tower: VisionTower) -> None:
+    """The token budget check of `cfg.selector` (VisionZip's own for the default)."""
+    if cfg.selector == "visionzip":
+        check_token_budget(cfg, tower)
+    else:
+        get_selector(cfg.selector).check(cfg, tower.seq_len, tower.has_cls)
 
 
 def check_token_budget(cfg: VisionZipConfig, tower: VisionTower) -> None:

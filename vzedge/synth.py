@@ -15,6 +15,14 @@ sometimes one rendered word. Each sample is one image, one question of one *kind
 Questions are only asked when they have one answer (e.g. "the circle" only when there is one circle).
 Splits are disjoint by construction: scene `i` of split `s` is drawn from `sha256(seed, s, i)`.
 The same scene drawn at another image size is the same scene, scaled.
+
+Variant `small` (`--data synth-small`): only questions whose answer sits in one small region among
+distractors: the colour of a *small* shape ("What colour is the square?", the square being one of the
+trained "small" radii, 2-3 of the 256 patches of a 224-px image) or the kind of a small shape ("What shape
+is red?"), both only in scenes with at least one other object, and the written word (about 3 x 1 patches)
+in scenes with at least one shape: kinds colour, shape, word. Scenes are drawn exactly like the standard
+split's (so the built-in model reads them without retraining) from their own seeds
+(`sha256("vzedge-synth-small", ...)`), disjoint from the standard splits.
 """
 
 from __future__ import annotations
@@ -49,6 +57,8 @@ ANSWERS: dict[str, tuple[str, ...]] = {
     "word": WORDS,
 }
 SPLITS = ("train", "test")
+VARIANTS = ("standard", "small")
+SMALL_KINDS = ("colour", "shape", "word")
 DEFAULT_SIZE = 224
 _REF = 224.0  # geometry below is in pixels of a 224-px image, scaled to the requested size
 _RADIUS = {"small": (10, 14), "big": (21, 28)}
@@ -91,11 +101,18 @@ class Sample:
     scene: Scene = field(repr=False)
 
 
-def scene_seed(seed: int, split: str, index: int) -> int:
+def scene_seed(seed: int, split: str, index: int, variant: str = "standard") -> int:
     if split not in SPLITS:
         raise ValueError(f"split={split!r}: use one of {SPLITS}")
-    digest = hashlib.sha256(f"vzedge-synth:{seed}:{split}:{index}".encode()).digest()
+    _check_variant(variant)
+    tag = "vzedge-synth" if variant == "standard" else f"vzedge-synth-{variant}"
+    digest = hashlib.sha256(f"{tag}:{seed}:{split}:{index}".encode()).digest()
     return int.from_bytes(digest[:8], "little")
+
+
+def _check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r}: use one of {VARIANTS} (--data synth or synth-small)")
 
 
 @functools.lru_cache(maxsize=8)
@@ -106,6 +123,27 @@ def _font(px: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
 def _word_box(word: str, xy: tuple[float, float]) -> tuple[float, float, float, float]:
     left, top, right, bottom = _font(_FONT_PX).getbbox(word)
     return (xy[0] + left, xy[1] + top, xy[0] + right, xy[1] + bottom)
+
+
+def small_questions(scene: Scene, rng: random.Random) -> dict[str, tuple[str, str]]:
+    """The `small` variant's questions: each answer sits in one small region with at least one distractor
+    object in the image (a small shape's colour or kind, or the word)."""
+    out: dict[str, tuple[str, str]] = {}
+    shapes = scene.shapes
+    if shapes:
+        by_shape = {k: [s for s in shapes if s.shape == k] for k in SHAPES}
+        by_colour = {c: [s for s in shapes if s.colour == c] for c in COLOURS}
+        small_kind = [k for k in SHAPES if len(by_shape[k]) == 1 and by_shape[k][0].size == "small"]
+        if small_kind:
+            k = rng.choice(small_kind)
+            out["colour"] = (f"What colour is the {k}?", by_shape[k][0].colour)
+        small_colour = [c for c in COLOURS if len(by_colour[c]) == 1 and by_colour[c][0].size == "small"]
+        if small_colour:
+            c = rng.choice(small_colour)
+            out["shape"] = (f"What shape is {c}?", by_colour[c][0].shape)
+    if scene.word is not None and shapes:
+        out["word"] = ("What word is written?", scene.word)
+    return out
 
 
 def make_scene(scene_seed_value: int) -> Scene:
@@ -193,14 +231,20 @@ def questions(scene: Scene, rng: random.Random) -> dict[str, tuple[str, str]]:
     return out
 
 
-def samples(split: str, n: int, seed: int = 0, kinds: tuple[str, ...] = KINDS) -> list[Sample]:
+def samples(
+    split: str, n: int, seed: int = 0, kinds: tuple[str, ...] | None = None, variant: str = "standard"
+) -> list[Sample]:
     """`n` samples of `split`, kinds in round-robin order (balanced), one question per scene.
 
     Scene indices are consumed in order, skipping scenes where the wanted kind has no unique answer,
     so the first `m` samples of a call with `n > m` are the `m` samples of a call with `n = m`.
+    kinds: default all KINDS (standard) or SMALL_KINDS (small).
     """
     if n < 0:
         raise ValueError(f"n={n} is negative")
+    _check_variant(variant)
+    if kinds is None:
+        kinds = KINDS if variant == "standard" else SMALL_KINDS
     bad = [k for k in kinds if k not in KINDS]
     if bad or not kinds:
         raise ValueError(f"kinds={kinds!r}: use a non-empty subset of {KINDS}")
@@ -208,13 +252,15 @@ def samples(split: str, n: int, seed: int = 0, kinds: tuple[str, ...] = KINDS) -
     index = 0
     while len(out) < n:
         kind = kinds[len(out) % len(kinds)]
-        s = scene_seed(seed, split, index)
+        s = scene_seed(seed, split, index, variant)
         scene = make_scene(s)
-        qa = questions(scene, random.Random(s ^ 0x5EED))
+        ask = questions if variant == "standard" else small_questions
+        qa = ask(scene, random.Random(s ^ 0x5EED))
         index += 1
         if kind in qa:
             q, a = qa[kind]
-            out.append(Sample(f"{split}-{seed}-{index - 1}-{kind}", kind, q, a, scene))
+            prefix = split if variant == "standard" else f"{variant}-{split}"
+            out.append(Sample(f"{prefix}-{seed}-{index - 1}-{kind}", kind, q, a, scene))
     return out
 
 
@@ -303,7 +349,9 @@ def scene_labels(scene: Scene) -> dict[str, np.ndarray]:
 # --- LLaVA-format export ----------------------------------------------------------------------------------
 
 
-def export_llava(out: str, split: str = "test", n: int = 300, seed: int = 0, size: int = DEFAULT_SIZE) -> str:
+def export_llava(
+    out: str, split: str = "test", n: int = 300, seed: int = 0, size: int = DEFAULT_SIZE, variant: str = "standard"
+) -> str:
     """Write `n` samples as `out/data.json` (LLaVA conversations, plus "kind") and `out/images/*.png`.
 
     The folder appears whole or not at all. Returns the JSON path; `vzedge eval --data out/data.json
@@ -317,7 +365,7 @@ def export_llava(out: str, split: str = "test", n: int = 300, seed: int = 0, siz
     records = []
     with atomic_dir(out) as tmp:
         (tmp / "images").mkdir()
-        for s in samples(split, n, seed=seed):
+        for s in samples(split, n, seed=seed, variant=variant):
             name = f"images/{s.id}.png"
             render(s.scene, size).save(tmp / name)
             records.append(

@@ -19,6 +19,10 @@ import torch
 
 MergeMode = Literal["reference", "mean"]
 _MERGE_MODES = ("reference", "mean")
+# Token selectors (implemented in vzedge.select, one module each); "visionzip" is the default and the
+# released algorithm. Named here, beside the config that chooses one, so the config needs no import upward.
+SELECTORS = ("visionzip", "divprune", "vispruner", "random", "pool")
+DEFAULT_SELECTOR = "visionzip"
 
 # Queries per chunk for the received-attention score (SigLIP): bounds the [B, H, chunk, N] block.
 SCORE_QUERY_CHUNK = 256
@@ -35,15 +39,23 @@ class VisionZipConfig:
         -2 is LLaVA's feature layer). Layers after it are not computed.
     merge: "reference" reproduces the released code (target + mean of its members); "mean" is the
         plain average over the group, target included, as the paper's text describes.
+    selector: how the tokens are chosen (see `vzedge.select`): "visionzip" (the default, exactly the
+        above), "divprune" (dominant + contextual patches by max-min feature diversity), "vispruner"
+        (dominant patches by attention + contextual patches left after similarity de-duplication),
+        "random" (CLS + the rest drawn uniformly, seeded by `seed`) or "pool" (dominant + contextual
+        region averages). Every selector outputs dominant + contextual tokens.
+    seed: the random selector's generator seed (unused by the others).
     """
 
     dominant: int = 54
     contextual: int = 10
     layer: int = -2
     merge: MergeMode = "reference"
+    selector: str = DEFAULT_SELECTOR
+    seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("dominant", "contextual", "layer"):
+        for name in ("dominant", "contextual", "layer", "seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"VisionZipConfig.{name} must be an int, got {type(value).__name__} {value!r}")
@@ -57,6 +69,8 @@ class VisionZipConfig:
             raise ValueError("dominant + contextual is 0: keep at least one token (e.g. dominant=54, contextual=10)")
         if self.merge not in _MERGE_MODES:
             raise ValueError(f"merge={self.merge!r} is not one of {_MERGE_MODES}")
+        if self.selector not in SELECTORS:
+            raise ValueError(f"selector={self.selector!r} is not one of {SELECTORS}; use e.g. --selector divprune")
 
     @property
     def num_tokens(self) -> int:
@@ -64,7 +78,19 @@ class VisionZipConfig:
         return self.dominant + self.contextual
 
     def to_dict(self) -> dict[str, int | str]:
-        return {"dominant": self.dominant, "contextual": self.contextual, "layer": self.layer, "merge": self.merge}
+        """The config as JSON. The default selector is left out, so tune folders, exports and manifests made
+        before selectors existed still compare equal; any other selector (and random's seed) is recorded."""
+        d: dict[str, int | str] = {
+            "dominant": self.dominant,
+            "contextual": self.contextual,
+            "layer": self.layer,
+            "merge": self.merge,
+        }
+        if self.selector != DEFAULT_SELECTOR:
+            d["selector"] = self.selector
+        if self.selector == "random":
+            d["seed"] = self.seed
+        return d
 
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:

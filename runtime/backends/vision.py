@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 class TorchVisionBackend(VisionBackend):
     """VisionZipEncoder + the model's projector in PyTorch (cfg None: all tokens, the stock path)."""
 
-    def __init__(self, loaded: Any, cfg: Any | None, device: str = "cpu") -> None:
+    def __init__(self, loaded: Any, cfg: Any | None, device: str = "cpu", adaptive: Any | None = None) -> None:
         from vzedge.encoder import VisionZipEncoder
         from vzedge.models import adapt_vision_tower
         from vzedge.runtime.preprocess import from_image_processor
@@ -35,10 +35,16 @@ class TorchVisionBackend(VisionBackend):
         self.projector = loaded.projector
         self.projected = self.projector is not None
         self.vlm = loaded.vlm
+        self.adaptive = adaptive
         if cfg is not None:
             self.encoder = VisionZipEncoder(loaded.vision, cfg).eval()
             self.num_tokens = cfg.num_tokens
-            self.name = f"torch-visionzip-{cfg.num_tokens}"
+            self.name = f"torch-{cfg.selector}-{cfg.num_tokens}"
+            if adaptive is not None:
+                for k in adaptive.buckets:
+                    self.encoder.bucket_config(k)  # every bucket must fit the tower, before the first frame
+                self.num_tokens = max(adaptive.buckets)  # the most a frame can get
+                self.name = f"torch-{cfg.selector}-adaptive-{'/'.join(map(str, adaptive.buckets))}"
         else:
             self.encoder = None
             strategy = getattr(getattr(loaded.vlm, "config", None), "vision_feature_select_strategy", "full")
@@ -59,6 +65,15 @@ class TorchVisionBackend(VisionBackend):
             ).pooler_output
             return torch.stack(list(feats))
         tokens = self.encoder(pixel_values).tokens
+        return self.projector(tokens) if self.projector is not None else tokens
+
+    @torch.inference_mode()
+    def encode_prepared(self, prepared: Prepared) -> torch.Tensor:
+        if self.adaptive is None or self.encoder is None:
+            return super().encode_prepared(prepared)
+        # Each frame at its own bucket: [1, sum K_i, D], the frames' tokens one after another.
+        out = self.encoder.forward_adaptive(prepared.pixels.to(self.device), self.adaptive)
+        tokens = torch.cat(out.tokens).unsqueeze(0)
         return self.projector(tokens) if self.projector is not None else tokens
 
 
@@ -160,6 +175,7 @@ def open_vision_backend(
     backend: str = "auto",
     device: str = "cpu",
     layout: str = "reference",
+    adaptive: Any | None = None,
 ) -> VisionBackend:
     """`backend`: auto | torch | ort | ort-cpu | ort-cuda | ort-trt | trt. Anyres models (LLaVA-NeXT/OneVision)
     get their crops arranged outside the graph with `layout`."""
@@ -169,8 +185,10 @@ def open_vision_backend(
         if backend not in ("auto", "torch"):
             raise ValueError(f"--vision-backend {backend} needs an export folder: pass --vision DIR")
         if is_anyres(loaded):
+            if adaptive is not None:
+                raise ValueError("--adaptive supports LLaVA-1.5 models (one crop per image), not anyres models")
             return AnyresVisionBackend(loaded, cfg, layout)
-        return TorchVisionBackend(loaded, cfg, device)
+        return TorchVisionBackend(loaded, cfg, device, adaptive)
     from vzedge.manifest import read_manifest, verify_files
 
     manifest = read_manifest(export_dir)

@@ -13,6 +13,12 @@ def add_visionzip_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--contextual", type=int, default=10, help="tokens merged from the rest (0: none)")
     p.add_argument("--layer", type=int, default=-2, help="encoder layer to select at (default -2)")
     p.add_argument("--merge", choices=("reference", "mean"), default="reference")
+    p.add_argument(
+        "--selector",
+        choices=("visionzip", "divprune", "vispruner", "random", "pool"),
+        default="visionzip",
+        help="token selector (vzedge.select); all keep dominant + contextual tokens",
+    )
 
 
 def add_image_limit_args(p: argparse.ArgumentParser) -> None:
@@ -42,7 +48,13 @@ def image_limits(args: argparse.Namespace):
 def visionzip_config(args: argparse.Namespace):
     from vzedge.visionzip import VisionZipConfig
 
-    return VisionZipConfig(dominant=args.dominant, contextual=args.contextual, layer=args.layer, merge=args.merge)
+    return VisionZipConfig(
+        dominant=args.dominant,
+        contextual=args.contextual,
+        layer=args.layer,
+        merge=args.merge,
+        selector=getattr(args, "selector", "visionzip"),
+    )
 
 
 def results_stdout():

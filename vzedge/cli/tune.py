@@ -65,7 +65,7 @@ def _cmd_make_data(args: argparse.Namespace) -> int:
 
     # Checked here until make_data checks it itself: a --size of 100000 would draw 30 GB scenes.
     ImageLimits(max_pixels=args.max_image_pixels).check(args.size, args.size, f"--size {args.size}: each scene")
-    path = make_data(args.out, n=args.n, split=args.split, seed=args.seed, size=args.size)
+    path = make_data(args.out, n=args.n, split=args.split, seed=args.seed, size=args.size, variant=args.variant)
     print(f"wrote {path}: use --data {path} --images {args.out}")
     return 0
 
@@ -101,5 +101,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=int, default=224, help="image size in pixels")
     p.add_argument(
         "--max-image-pixels", type=int, default=4096 * 4096, help="largest --size x --size allowed (default 4096^2)"
+    )
+    p.add_argument(
+        "--variant",
+        choices=("standard", "small"),
+        default="standard",
+        help="small: only questions about one small region (a small shape's colour or kind, the word), "
+        "what `eval --data synth-small` reads",
     )
     p.set_defaults(func=_cmd_make_data)

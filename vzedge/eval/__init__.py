@@ -1,8 +1,9 @@
-"""Accuracy against the visual-token budget (`vzedge eval`): VisionZip and the baselines a reader needs.
+"""Accuracy against the visual-token budget (`vzedge eval`): every token selector and the baselines a reader needs.
 
-config.py  EvalConfig, method names, `parse_tokens`
-data.py    the questions (built-in synthetic split or a LLaVA-format file), normalisation, scoring
-reduce.py  the token reducers: VisionZip through the library, random selection, pooling
+config.py  EvalConfig, method names, built-in splits (synth, synth-small), `parse_tokens`
+data.py    the questions (built-in synthetic splits or a LLaVA-format file), normalisation, scoring, Wilson
+           intervals, the paired McNemar test
+reduce.py  the token reducers: every vzedge.select selector through apply_visionzip
 run.py     `evaluate(cfg)`: every method at every budget on the same questions
 report.py  the Markdown table and the accuracy-vs-tokens plot
 """
@@ -10,7 +11,7 @@ report.py  the Markdown table and the accuracy-vs-tokens plot
 from __future__ import annotations
 
 from vzedge.eval.config import METHODS, TUNED_METHOD, EvalConfig, TunedRow, parse_tokens
-from vzedge.eval.data import Item, llava_items, normalize, score, synth_items
+from vzedge.eval.data import Item, llava_items, mcnemar_exact, normalize, score, synth_items, wilson_interval
 from vzedge.eval.reduce import pool_tokens, random_select, reduced_tokens, scaled_budget, visionzip_split
 from vzedge.eval.report import markdown_table, plot
 from vzedge.eval.run import answer, evaluate, evaluate_full_tokens
@@ -26,6 +27,7 @@ __all__ = [
     "evaluate_full_tokens",
     "llava_items",
     "markdown_table",
+    "mcnemar_exact",
     "normalize",
     "parse_tokens",
     "plot",
@@ -36,4 +38,5 @@ __all__ = [
     "score",
     "synth_items",
     "visionzip_split",
+    "wilson_interval",
 ]

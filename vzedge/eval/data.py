@@ -22,12 +22,12 @@ class Item:
     image: Any = field(repr=False)  # PIL image
 
 
-def synth_items(n: int, seed: int, image_size: int) -> list[Item]:
-    """The held-out synthetic test split, kinds balanced, rendered at the model's image size."""
+def synth_items(n: int, seed: int, image_size: int, variant: str = "standard") -> list[Item]:
+    """The held-out synthetic test split (or its `variant`), kinds balanced, rendered at the model's image size."""
 
     return [
         Item(s.id, s.kind, PROMPT_TEMPLATE.format(question=s.question), s.answer, synth.render(s.scene, image_size))
-        for s in synth.samples("test", n, seed=seed)
+        for s in synth.samples("test", n, seed=seed, variant=variant)
     ]
 
 
@@ -103,8 +103,37 @@ def score(items: list[Item], predictions: list[str]) -> dict[str, float]:
     return acc
 
 
-def baselines(items: list[Item], data: str) -> dict[str, Any]:
-    if data != "synth":
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion (better than the normal one near 0 and 1)."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def mcnemar_exact(a: list[bool], b: list[bool]) -> dict[str, float]:
+    """Paired comparison of two methods on the same questions: a_only (a right, b wrong), b_only, and the exact
+    two-sided McNemar p-value (binomial test on the discordant pairs). Far more sensitive than comparing two
+    independent intervals, since both methods answer the same questions."""
+    from math import comb
+
+    a_only = sum(x and not y for x, y in zip(a, b, strict=True))
+    b_only = sum(y and not x for x, y in zip(a, b, strict=True))
+    n = a_only + b_only
+    tail = sum(comb(n, i) for i in range(min(a_only, b_only) + 1)) / 2**n if n else 1.0
+    return {"a_only": a_only, "b_only": b_only, "p_value": round(min(1.0, 2 * tail), 6)}
+
+
+def correct(items: list[Item], predictions: list[str]) -> list[bool]:
+    """Per question: exact match after normalize()."""
+    return [normalize(p) == normalize(it.answer) for it, p in zip(items, predictions, strict=True)]
+
+
+def baselines(items: list[Item], data: str, variant: str | None = "standard") -> dict[str, Any]:
+    if variant is None:
         return {}
     from collections import Counter
 
@@ -112,7 +141,7 @@ def baselines(items: list[Item], data: str) -> dict[str, Any]:
     chance = {k: synth.chance(k) for k in kinds}
     chance["overall"] = sum(synth.chance(it.kind) for it in items) / len(items)
     # The best blind guess: each kind's most frequent answer in (a large sample of) the train split.
-    train = synth.samples("train", 1200)
+    train = synth.samples("train", 1200, variant=variant)
     top = {k: Counter(s.answer for s in train if s.kind == k).most_common(1)[0][0] for k in kinds}
     prior = {
         k: sum(it.answer == top[k] for it in items if it.kind == k) / sum(it.kind == k for it in items) for k in kinds

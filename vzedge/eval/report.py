@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 from vzedge._deps import require
-from vzedge.eval.config import TUNED_METHOD, UNTUNED, TunedRow
+from vzedge.eval.config import ADAPTIVE_SUFFIX, METHODS, TUNED_METHOD, UNTUNED, TunedRow
 from vzedge.io import atomic_path
 
 
@@ -23,17 +23,20 @@ def markdown_table(result: dict[str, Any]) -> str:
     """Budgets as rows, methods side by side, accuracy per kind: what the README shows."""
     rows = result["rows"]
     kinds = [k for k in rows[0]["accuracy"] if k != "overall"]
-    head = ["method", "budget", "tokens", "overall", "% of full", *kinds]
+    head = ["method", "budget", "tokens", "overall", "95% CI", "p vs random", "% of full", *kinds]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         method = r["method"] + (f" {r['dominant']}+{r['contextual']}" if r["dominant"] is not None else "")
         if r.get("projector_weights"):
             method += f" ({os.path.basename(os.path.normpath(r['projector_weights']['path']))})"
+        ci = f"{100 * r['ci_low']:.1f}-{100 * r['ci_high']:.1f}" if "ci_low" in r else "-"
         cells = [
             method,
-            str(r["budget"]),
+            "-" if r["budget"] is None else str(r["budget"]),
             str(r["tokens"]),
             f"{100 * r['accuracy']['overall']:.1f}",
+            ci,
+            f"{r['vs_random']['p_value']:.2g}" if r.get("vs_random") else "-",
             f"{100 * r['relative_to_full']:.0f}%" if r["relative_to_full"] is not None else "-",
             *(f"{100 * r['accuracy'][k]:.0f}" for k in kinds),
         ]
@@ -45,7 +48,16 @@ def markdown_table(result: dict[str, Any]) -> str:
             lines.append(
                 "| "
                 + " | ".join(
-                    [label, "-", "0", f"{100 * b['overall']:.1f}", "-", *(f"{100 * b.get(k, 0):.0f}" for k in kinds)]
+                    [
+                        label,
+                        "-",
+                        "0",
+                        f"{100 * b['overall']:.1f}",
+                        "-",
+                        "-",
+                        "-",
+                        *(f"{100 * b.get(k, 0):.0f}" for k in kinds),
+                    ]
                 )
                 + " |"
             )
@@ -62,10 +74,36 @@ def plot(result: dict[str, Any], path: str) -> None:
     rows = result["rows"]
     full = rows[0]
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
-    for method, style in (("visionzip", "o-"), ("random", "s--"), ("pool", "^:"), (TUNED_METHOD, "D-.")):
-        pts = sorted((r["tokens"], r["accuracy"]["overall"]) for r in rows if r["method"] == method)
+    styles = dict(zip(METHODS, ("o-", "v-", "P-", "s--", "^:"), strict=True))
+    styles[TUNED_METHOD] = "D-."
+    colours = {}
+    for method, style in styles.items():
+        pts = sorted(
+            (r["tokens"], r["accuracy"]["overall"], r.get("ci_low"), r.get("ci_high"))
+            for r in rows
+            if r["method"] == method
+        )
         if pts:
-            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], style, label=method)
+            xs, ys = [p[0] for p in pts], [100 * p[1] for p in pts]
+            (line,) = ax.plot(xs, ys, style, label=method)
+            colours[method] = line.get_color()
+            if all(p[2] is not None for p in pts):
+                ax.fill_between(
+                    xs, [100 * p[2] for p in pts], [100 * p[3] for p in pts], color=line.get_color(), alpha=0.12
+                )
+    for r in rows:  # adaptive rows: one point at their mean token count, with its interval
+        if r["method"].endswith(ADAPTIVE_SUFFIX):
+            base = r["method"][: -len(ADAPTIVE_SUFFIX)]
+            y = 100 * r["accuracy"]["overall"]
+            ax.errorbar(
+                [r["tokens"]],
+                [y],
+                yerr=[[y - 100 * r["ci_low"]], [100 * r["ci_high"] - y]],
+                fmt="*",
+                ms=11,
+                color=colours.get(base),
+                label=r["method"],
+            )
     ax.axhline(100 * full["accuracy"]["overall"], color="k", lw=1, label=f"all {full['tokens']} tokens")
     base = result.get("baselines") or {}
     if "chance_uniform" in base:
@@ -76,7 +114,7 @@ def plot(result: dict[str, Any], path: str) -> None:
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_title(f"{result['model']} on {os.path.basename(result['data'])}: {result['questions']} questions")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     with atomic_path(path) as tmp:

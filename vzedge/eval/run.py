@@ -1,14 +1,22 @@
 """Accuracy against the visual-token budget: VisionZip and the baselines a reader needs to judge it.
 
 For each budget K the same LLaVA model answers the same questions (greedy decoding, exact match after
-normalisation) on K visual tokens per image, chosen by:
+normalisation) on K visual tokens per image, chosen by a selector of `vzedge.select` through
+`apply_visionzip` (the library path):
 
-- `visionzip`: `apply_visionzip` (the library path), dominant:contextual split in the paper's 54:10 ratio;
+- `visionzip`: dominant:contextual split in the paper's 54:10 ratio;
+- `divprune`: K patches by max-min feature diversity;
+- `vispruner`: the 54:10 split as important (attention) : diverse (de-duplicated) patches;
 - `random`: CLS plus K-1 patches drawn uniformly (seeded), in sequence order;
 - `pool`: K averages of near-square patch regions (rows split into bands, each band pooled along the
   columns to its share of K), CLS not used.
 
-All three take the output of the model's feature layer (-2) and go through the model's own projector;
+Every row has its 95% Wilson interval (`ci_low`, `ci_high`) over its questions. With `adaptive` buckets,
+each method also gets a `METHOD+adaptive` row (every image at the bucket its attention mass asks for; the
+bucket depends on the image only, so every method sees the same per-image counts) and a fixed row at the
+same mean token count.
+
+All take the output of the model's feature layer (-2) and go through the model's own projector;
 `full` is the stock model on all its patches. Budgets are given in LLaVA-1.5 tokens (576 patches) and
 scaled to the model's grid unless `scale=False`.
 
@@ -29,12 +37,13 @@ from torch import nn
 from vzedge import synth
 from vzedge.bench import conditions
 from vzedge.encoder import VisionZipEncoder
-from vzedge.eval.config import LLAVA15_PATCHES, TUNED_METHOD, EvalConfig, TunedRow
-from vzedge.eval.data import Item, baselines, llava_items, score, synth_items
+from vzedge.eval.config import ADAPTIVE_SUFFIX, LLAVA15_PATCHES, TUNED_METHOD, EvalConfig, TunedRow
+from vzedge.eval.data import Item, baselines, correct, llava_items, mcnemar_exact, score, synth_items, wilson_interval
 from vzedge.eval.reduce import adapt_tower, reduced_tokens, scaled_budget, stock_image_tokens, visionzip_split
 from vzedge.eval.report import tuning_summary
 from vzedge.models.loading import load_model
 from vzedge.models.projector import read_tune_config, read_tuned_projector
+from vzedge.select import AdaptiveBudget
 from vzedge.visionzip import VisionZipConfig
 
 log = logging.getLogger(__name__)
@@ -87,7 +96,9 @@ def evaluate_full_tokens(vlm: nn.Module, processor: Any, samples: list[Any], bat
 
 
 @torch.no_grad()
-def attention_on_objects(vlm: nn.Module, processor: Any, n: int, seed: int, k: int) -> dict[str, float]:
+def attention_on_objects(
+    vlm: nn.Module, processor: Any, n: int, seed: int, k: int, variant: str = "standard"
+) -> dict[str, float]:
     """Is CLS attention informative? On n synth test scenes: the share of the CLS row's attention (layer
     -2, patches only) that falls on shape or text patches, the share of VisionZip's dominant patches
     (at k tokens) that are such patches, and the share of the image those patches cover."""
@@ -97,7 +108,7 @@ def attention_on_objects(vlm: nn.Module, processor: Any, n: int, seed: int, k: i
     dominant, contextual = visionzip_split(k)
     layer = int(getattr(vlm.config, "vision_feature_layer", -2))
     enc = VisionZipEncoder(inner.vision_tower, VisionZipConfig(dominant=dominant, contextual=contextual, layer=layer))
-    scenes = [s.scene for s in synth.samples("test", n, seed=seed)]
+    scenes = [s.scene for s in synth.samples("test", n, seed=seed, variant=variant)]
     images = [synth.render(sc, vcfg.image_size) for sc in scenes]
     pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
     ex = enc.explain(pixels.to(vlm.dtype))
@@ -189,20 +200,34 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     grid = vcfg.image_size // vcfg.patch_size
     num_patches = grid * grid
     plan = plan_tuned(cfg, vlm, num_patches)  # before any row runs: a bad folder fails fast
-    if cfg.data == "synth":
-        items = synth_items(cfg.n, cfg.seed, vcfg.image_size)
+    variant = cfg.synth_variant
+    if variant is not None:
+        items = synth_items(cfg.n, cfg.seed, vcfg.image_size, variant)
     else:
         items = llava_items(cfg.data, cfg.images or "", cfg.n)
     stock = stock_image_tokens(vlm)
     rows: list[dict[str, Any]] = []
+    hits: list[list[bool]] = []  # per row, per question: right or wrong (for the paired comparison)
     t0 = time.perf_counter()
 
-    def run(
-        method: str, budget: int, k: int, split: tuple[int, int] | None, weights: dict[str, Any] | None = None
+    def record(
+        method: str,
+        budget: int | None,
+        k: float,
+        split: tuple[int, int] | None,
+        preds: list[str],
+        t: float,
+        weights: dict[str, Any] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
-        t = time.perf_counter()
-        preds = answer(vlm, processor, items, k, cfg.batch_size, cfg.max_new_tokens)
         acc = score(items, preds)
+        ok = correct(items, preds)
+        hits.append(ok)
+        lo, hi = wilson_interval(sum(ok), len(ok))
+        per_kind = {}
+        for kind in sorted({it.kind for it in items}):
+            kind_ok = [c for c, it in zip(ok, items, strict=True) if it.kind == kind]
+            per_kind[kind] = [round(v, 4) for v in wilson_interval(sum(kind_ok), len(kind_ok))]
         rows.append(
             {
                 "method": method,
@@ -211,18 +236,32 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                 "dominant": split[0] if split else None,
                 "contextual": split[1] if split else None,
                 "accuracy": {key: round(v, 4) for key, v in acc.items()},
+                "correct": sum(ok),
+                "ci_low": round(lo, 4),
+                "ci_high": round(hi, 4),
+                "ci_per_kind": per_kind,
                 "projector_weights": weights,
                 "seconds": round(time.perf_counter() - t, 2),
+                **(extra or {}),
             }
         )
         log.info(
-            "%-15s budget %4d -> %3d tokens: overall %.3f (%.1f s)",
+            "%-18s budget %4s -> %5.1f tokens: overall %.3f [%.3f, %.3f] (%.1f s)",
             method,
             budget,
             k,
             acc["overall"],
+            lo,
+            hi,
             rows[-1]["seconds"],
         )
+
+    def run(
+        method: str, budget: int, k: int, split: tuple[int, int] | None, weights: dict[str, Any] | None = None
+    ) -> None:
+        t = time.perf_counter()
+        preds = answer(vlm, processor, items, k, cfg.batch_size, cfg.max_new_tokens)
+        record(method, budget, k, split, preds, t, weights)
 
     budgets = sorted(set(cfg.tokens), reverse=True)
     run("full", max(budgets[0], LLAVA15_PATCHES if cfg.scale else num_patches), stock, None)
@@ -231,19 +270,23 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         if k >= num_patches:
             continue  # the full row already covers it
         for method in cfg.methods:
-            split = visionzip_split(k) if method == "visionzip" else None
+            split = visionzip_split(k) if method in ("visionzip", "vispruner") else None
             with reduced_tokens(vlm, method, k, cfg.seed):
                 run(method, budget, k, split)
         for tuned in (t for t in plan if t.budget == budget):
             with reduced_tokens(vlm, TUNED_METHOD, k, cfg.seed, visionzip=tuned.visionzip, projector=tuned.folder):
                 run(TUNED_METHOD, budget, k, (tuned.visionzip.dominant, tuned.visionzip.contextual), tuned.record)
+    adaptive = None
+    if cfg.adaptive:
+        adaptive = run_adaptive(cfg, vlm, processor, items, num_patches, rows, record)
+    paired_with_random(rows, hits)
     full = rows[0]["accuracy"]["overall"]
     for r in rows:
         r["relative_to_full"] = round(r["accuracy"]["overall"] / full, 4) if full > 0 else None
     smallest = min(r["tokens"] for r in rows)
     diag = None
-    if cfg.data == "synth" and getattr(adapt_tower(vlm), "has_cls", False) and smallest < num_patches:
-        diag = attention_on_objects(vlm, processor, min(cfg.n, 100), cfg.seed, smallest)
+    if variant is not None and getattr(adapt_tower(vlm), "has_cls", False) and smallest < num_patches:
+        diag = attention_on_objects(vlm, processor, min(cfg.n, 100), cfg.seed, round(smallest), variant)
     return {
         "model": cfg.model,
         "source": loaded.source,
@@ -255,7 +298,12 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "budgets_scaled_from_576": cfg.scale,
         "metric": "exact match after normalize() (lower case, no punctuation or articles), greedy decoding",
         "projector_tuning": tuning_summary(plan),
-        "baselines": baselines(items, cfg.data),
+        "baselines": baselines(items, cfg.data, variant),
+        "adaptive": adaptive,
+        "interval": "95% Wilson score interval over the row's questions (ci_low, ci_high; ci_per_kind)",
+        "paired": "vs_random: the same questions answered by random selection at the same token count (the "
+        "adaptive rows: random+adaptive); a_only / b_only = questions only this row / only random got right, "
+        "p_value = exact two-sided McNemar test",
         "attention": diag,
         "rows": rows,
         "seconds": round(time.perf_counter() - t0, 1),
@@ -267,3 +315,85 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             feature_layer=int(getattr(vlm.config, "vision_feature_layer", -2)),
         ),
     }
+
+
+@torch.no_grad()
+def image_buckets(
+    vlm: nn.Module, processor: Any, items: list[Item], budget: AdaptiveBudget, batch_size: int
+) -> tuple[list[int], list[int]]:
+    """Per item: the bucket index the attention-mass rule picks, and the tokens it asked for."""
+    layer = int(getattr(vlm.config, "vision_feature_layer", -2))
+    enc = VisionZipEncoder(vlm.model.vision_tower, VisionZipConfig(*visionzip_split(budget.buckets[0]), layer=layer))
+    buckets: list[int] = []
+    needed: list[int] = []
+    for start in range(0, len(items), batch_size):
+        images = [it.image for it in items[start : start + batch_size]]
+        pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        b, n = enc.choose_buckets(pixels.to(vlm.dtype), budget)
+        buckets += b.tolist()
+        needed += n.tolist()
+    return buckets, needed
+
+
+def run_adaptive(
+    cfg: EvalConfig, vlm: nn.Module, processor: Any, items: list[Item], num_patches: int, rows: list, record
+) -> dict[str, Any]:
+    """The adaptive rows: each method with every image at its own bucket, then each method at the fixed
+    budget nearest the adaptive rows' mean token count (unless that row already ran)."""
+    counts = sorted({scaled_budget(t, num_patches, cfg.scale) for t in cfg.adaptive})
+    counts = [k for k in counts if k < num_patches]
+    if len(counts) < 2:
+        raise ValueError(
+            f"--adaptive {','.join(map(str, cfg.adaptive))} gives {counts} distinct reduced token counts on this "
+            f"model's {num_patches} patches; pass at least two budgets below the full count"
+        )
+    budget = AdaptiveBudget(tuple(counts), cfg.adaptive_mass)
+    buckets, needed = image_buckets(vlm, processor, items, budget, cfg.batch_size)
+    per_image = [counts[b] for b in buckets]
+    mean_tokens = sum(per_image) / len(per_image)
+    groups = {i: [j for j, b in enumerate(buckets) if b == i] for i in range(len(counts))}
+    for method in cfg.methods:
+        t = time.perf_counter()
+        preds = [""] * len(items)
+        for i, idx in groups.items():
+            if not idx:
+                continue
+            sub = [items[j] for j in idx]
+            with reduced_tokens(vlm, method, counts[i], cfg.seed):
+                got = answer(vlm, processor, sub, counts[i], cfg.batch_size, cfg.max_new_tokens)
+            for j, p in zip(idx, got, strict=True):
+                preds[j] = p
+        extra = {"bucket_images": {str(counts[i]): len(idx) for i, idx in groups.items()}}
+        record(method + ADAPTIVE_SUFFIX, None, round(mean_tokens, 2), None, preds, t, None, extra)
+    fixed = round(mean_tokens)
+    for method in cfg.methods:
+        if any(r["method"] == method and r["tokens"] == fixed for r in rows):
+            continue
+        t = time.perf_counter()
+        with reduced_tokens(vlm, method, fixed, cfg.seed):
+            preds = answer(vlm, processor, items, fixed, cfg.batch_size, cfg.max_new_tokens)
+        split = visionzip_split(fixed) if method in ("visionzip", "vispruner") else None
+        record(method, None, fixed, split, preds, t, None, {"matches_adaptive_mean": True})
+    return {
+        **budget.to_dict(),
+        "buckets_from": list(cfg.adaptive),
+        "mean_tokens": round(mean_tokens, 3),
+        "fixed_tokens_compared": fixed,
+        "needed_mean": round(sum(needed) / len(needed), 3),
+        "bucket_images": {str(counts[i]): len(idx) for i, idx in groups.items()},
+    }
+
+
+def paired_with_random(rows: list[dict[str, Any]], hits: list[list[bool]]) -> None:
+    """Add `vs_random` to every row that has a random row at the same token count (same kind: fixed or
+    adaptive): the paired McNemar comparison on the same questions."""
+    randoms = {}
+    for r, ok in zip(rows, hits, strict=True):
+        if r["method"] in ("random", "random" + ADAPTIVE_SUFFIX):
+            randoms[(r["method"].endswith(ADAPTIVE_SUFFIX), r["tokens"])] = ok
+    for r, ok in zip(rows, hits, strict=True):
+        adaptive = r["method"].endswith(ADAPTIVE_SUFFIX)
+        ref = randoms.get((adaptive, r["tokens"]))
+        if ref is None or r["method"].split("+")[0] == "random":
+            continue
+        r["vs_random"] = mcnemar_exact(ok, ref)

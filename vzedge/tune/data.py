@@ -263,7 +263,14 @@ def examples_sha256(examples: list[Example]) -> str:
     return h.hexdigest()
 
 
-def make_data(out: str | os.PathLike[str], n: int = 1000, split: str = "train", seed: int = 0, size: int = 224) -> str:
+def make_data(
+    out: str | os.PathLike[str],
+    n: int = 1000,
+    split: str = "train",
+    seed: int = 0,
+    size: int = 224,
+    variant: str = "standard",
+) -> str:
     """Write `n` synthetic VQA samples as LLaVA-format `out/data.json` + `out/images/` (offline).
 
     Returns the JSON path; `vzedge tune --data OUT/data.json --images OUT` reads it.
@@ -273,4 +280,6 @@ def make_data(out: str | os.PathLike[str], n: int = 1000, split: str = "train", 
         raise FileExistsError(f"--out {out} exists; make-data writes a new folder, choose another path")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n={n!r}: pass --n >= 1 samples")
-    return synth.export_llava(str(out), split=split, n=n, seed=seed, size=size)
+    if variant not in synth.VARIANTS:
+        raise ValueError(f"variant={variant!r}: use one of {synth.VARIANTS}")
+    return synth.export_llava(str(out), split=split, n=n, seed=seed, size=size, variant=variant)

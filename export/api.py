@@ -181,6 +181,11 @@ def _export_locked(cfg: ExportConfig) -> ExportResult:
     ort = require("onnxruntime", "the parity gate")
 
     loaded = load_model(cfg.model, revision=cfg.revision)
+    # The graph is traced, and the parity gate's reference computed, in float32 whatever the checkpoint's dtype
+    # (real LLaVA checkpoints are fp16/bf16); --dtype fp16 casts copies of these below. The LLM is not exported.
+    loaded.vision.float()
+    if loaded.projector is not None:
+        loaded.projector.float()
     if cfg.projector and loaded.projector is None:
         raise ValueError(
             f"{cfg.model!r} is a bare vision encoder without a projector; drop --projector or export a LLaVA model"

@@ -291,6 +291,26 @@ def test_class4_signal_during_make_data_cleans_up(sig, code, name, tmp_path):
     assert _tree(tmp_path) == set(), "no .partial folder, no lock file"
 
 
+def test_class4_sigterm_during_tune_leaves_only_the_resumable_run(tmp_path, capsys):
+    assert run(["make-data", "--out", str(tmp_path / "d"), "--n", "8"]) == 0
+    capsys.readouterr()
+    argv = ["tune", "--data", str(tmp_path / "d" / "data.json"), "--images", str(tmp_path / "d")]
+    argv += ["--out", str(tmp_path / "t"), "--max-steps", "400", "--batch", "2", "--save-every", "1"]
+    argv += ["--dominant", "24", "--contextual", "4"]
+    proc = subprocess.Popen([sys.executable, "-m", "vzedge", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline().startswith(b"step 1/400"), proc.communicate()  # it is training
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_SIGTERM, err
+    assert err.decode().strip().splitlines() == [
+        "vzedge tune: interrupted by SIGTERM; stopped, and its temporary and partial files removed"
+    ]
+    hidden = [p for p in _tree(tmp_path) if any(part.startswith(".") for part in p.split("/"))]
+    assert hidden == [], "no .partial, .tmp or lock files"
+    assert (tmp_path / "t" / "run.json").is_file()  # what --resume continues from
+
+
 def test_class4_sigterm_during_run_keeps_the_report(tmp_path):
     """The loop stops, accounts for every frame it read, writes its report and exits 143."""
     report = tmp_path / "report.json"

@@ -226,6 +226,22 @@ def test_class3_force_never_deletes_a_users_folder(tmp_path, capsys):
     assert _tree(tmp_path) == {"mine", "mine/thesis.tex"}
 
 
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_class3_quantize_force_replaces_only_its_own_output(kind, tmp_path, capsys):
+    out = tmp_path / "out"
+    if kind == "file":
+        out.write_text("a file")
+    else:
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    rc, _, err = cli(["quantize", "--method", "awq", "--out", str(out), "--force"], capsys)
+    pattern = r"is a file; vzedge writes a folder" if kind == "file" else r"no vzedge_quant\.json.*--force will not"
+    assert_one_line_error(rc, err, "quantize", pattern)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert not [p for p in _tree(tmp_path) if p.startswith(".")]
+
+
 def test_class3_atomic_dir_refuses_to_replace_a_file(tmp_path):
     from vzedge.io import atomic_dir
 

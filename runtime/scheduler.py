@@ -193,6 +193,7 @@ class Pipeline:
             worker.join(timeout=10)
         finally:
             source.close()
+            self._settle_interrupted()
             self.metrics.finish()
         return self.metrics
 
@@ -291,5 +292,15 @@ class Pipeline:
             self._drain(q_vision)
             self._drain(q_llm)
             source.close()
+            self._settle_interrupted()
             self.metrics.finish()
         return self.metrics
+
+    def _settle_interrupted(self) -> None:
+        """After an interrupt, a frame read but caught between stages (the signal landed while it was being
+        captured or queued) is counted as dropped at shutdown, so the report still accounts for every frame."""
+        if not self.interrupted:
+            return
+        pending = [i for i, r in list(self.metrics.frames.items()) if r.status == "pending"]
+        for i in pending:
+            self.metrics.dropped(i, "shutdown")

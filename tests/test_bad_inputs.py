@@ -226,6 +226,22 @@ def test_class3_force_never_deletes_a_users_folder(tmp_path, capsys):
     assert _tree(tmp_path) == {"mine", "mine/thesis.tex"}
 
 
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_class3_quantize_force_replaces_only_its_own_output(kind, tmp_path, capsys):
+    out = tmp_path / "out"
+    if kind == "file":
+        out.write_text("a file")
+    else:
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    rc, _, err = cli(["quantize", "--method", "awq", "--out", str(out), "--force"], capsys)
+    pattern = r"is a file; vzedge writes a folder" if kind == "file" else r"no vzedge_quant\.json.*--force will not"
+    assert_one_line_error(rc, err, "quantize", pattern)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert not [p for p in _tree(tmp_path) if p.startswith(".")]
+
+
 def test_class3_atomic_dir_refuses_to_replace_a_file(tmp_path):
     from vzedge.io import atomic_dir
 
@@ -289,6 +305,26 @@ def test_class4_signal_during_make_data_cleans_up(sig, code, name, tmp_path):
     lines = err.strip().splitlines()
     assert lines == [f"vzedge make-data: interrupted by {name}; stopped, and its temporary and partial files removed"]
     assert _tree(tmp_path) == set(), "no .partial folder, no lock file"
+
+
+def test_class4_sigterm_during_tune_leaves_only_the_resumable_run(tmp_path, capsys):
+    assert run(["make-data", "--out", str(tmp_path / "d"), "--n", "8"]) == 0
+    capsys.readouterr()
+    argv = ["tune", "--data", str(tmp_path / "d" / "data.json"), "--images", str(tmp_path / "d")]
+    argv += ["--out", str(tmp_path / "t"), "--max-steps", "400", "--batch", "2", "--save-every", "1"]
+    argv += ["--dominant", "24", "--contextual", "4"]
+    proc = subprocess.Popen([sys.executable, "-m", "vzedge", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline().startswith(b"step 1/400"), proc.communicate()  # it is training
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_SIGTERM, err
+    assert err.decode().strip().splitlines() == [
+        "vzedge tune: interrupted by SIGTERM; stopped, and its temporary and partial files removed"
+    ]
+    hidden = [p for p in _tree(tmp_path) if any(part.startswith(".") for part in p.split("/"))]
+    assert hidden == [], "no .partial, .tmp or lock files"
+    assert (tmp_path / "t" / "run.json").is_file()  # what --resume continues from
 
 
 def test_class4_sigterm_during_run_keeps_the_report(tmp_path):

@@ -156,6 +156,28 @@ def _read_holder(lock: Path) -> str:
     return ""
 
 
+def check_replaceable_dir(path: str | os.PathLike[str], marker: str, force: bool, flag: str = "--out") -> None:
+    """Before any work: may an output folder be written at `path`? `--force` replaces only what vzedge made.
+
+    Fine: nothing there, or an empty folder. A folder holding `marker` (the file vzedge writes into every such
+    output) needs `force`. A file, or a folder of anything else, is refused even with `force`.
+    """
+    target = Path(path)
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise ValueError(f"{flag} {path} is a file; vzedge writes a folder there and never replaces a file")
+    if not any(target.iterdir()):
+        return
+    if not (target / marker).is_file():
+        raise FileExistsError(
+            f"{flag} {path} holds files vzedge did not write (no {marker}); --force will not delete them: "
+            "choose another path"
+        )
+    if not force:
+        raise FileExistsError(f"{flag} {path} holds an earlier output; pass --force to replace it")
+
+
 def check_writable_file(path: str | os.PathLike[str], flag: str) -> Path:
     """Before a long run: `path` must name a file (not a folder) in a folder we can create files in.
 

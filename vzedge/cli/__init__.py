@@ -35,9 +35,16 @@ EXIT_SIGTERM = 128 + signal.SIGTERM  # 143
 
 # Third-party log lines that a normal run would print before its own output, none of them about the user's
 # input: transformers imports torchao (a gptqmodel dependency) whenever it is installed, and torchao logs that
-# its CUDA kernels do not load on this machine and trips torch's pytree deprecation notice. Filtered by logger
-# name only (never by level for everything), and only without -v.
-_QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
+# its CUDA kernels do not load on this machine and trips torch's pytree deprecation notice; torch's ONNX exporter
+# notes that torchvision (which vzedge does not use) is missing; bitsandbytes' CPU backend notes that the optional
+# `kernels` package (a faster 4-bit CPU GEMM) is absent. Filtered by logger name only (never by level
+# for everything), and only without -v.
+_QUIET_LOGGERS = (
+    "torchao",
+    "torch.utils._pytree",
+    "torch.onnx._internal.exporter._registration",
+    "bitsandbytes.backends.cpu.ops",
+)
 
 # Folders whose `raise` statements are deliberate bad-input errors (the core, the exporter, the runtime).
 _OWN_DIRS = tuple(

@@ -46,7 +46,10 @@ def _cmd_tune(args: argparse.Namespace) -> int:
                 if s.step == 1 or s.step == s.total or s.step % max(1, s.total // 20) == 0:
                     print(f"step {s.step}/{s.total}  epoch {s.epoch}  loss {s.loss:.4f}  lr {s.lr:.2e}", flush=True)
 
-        result = tune(cfg, on_step=on_step)
+        from vzedge.io import output_lock
+
+        with output_lock(cfg.out):  # a second tune into the same --out fails at once instead of interleaving
+            result = tune(cfg, on_step=on_step)
     t = result.config["training"]
     before = "" if t["loss_before"] is None else f"; held-in loss {t['loss_before']:.4f} -> {t['loss_after']:.4f}"
     plotted = (result.out / PLOT_FILE).is_file()

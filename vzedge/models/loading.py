@@ -104,8 +104,8 @@ def _check_hub_id(name: str) -> None:
         return
     raise ValueError(
         f"--model {name!r}: there is no local folder {name!r} (check the path, relative to {os.getcwd()}), and as "
-        "a hub id it is not in the local cache and the hub cannot be reached (offline). Pass an existing folder, "
-        "download the model where there is internet, or use --model tiny"
+        "a hub id it is not in the local cache and the hub cannot be reached (offline). Download it where there "
+        "is internet and pass the local folder, or use --model tiny"
     )
 
 

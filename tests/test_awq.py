@@ -87,8 +87,15 @@ def test_awq_reload_and_generate(awq_dir):
         load_quantized(str(awq_dir), QuantConfig(method="bnb-nf4"), device="cpu")
     with pytest.raises(ValueError, match="already quantized with awq; AWQ needs the float checkpoint"):
         quantize_awq(str(awq_dir), str(awq_dir.parent / "again"))
-    with pytest.raises(ValueError, match="exists; pass --force"):
+    # An earlier vzedge output is replaced only with force; it is refused before the model loads.
+    with pytest.raises(FileExistsError, match="holds an earlier output; pass --force to replace it"):
         quantize_awq(MODEL, str(awq_dir))
+    stranger = awq_dir.parent / "stranger"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="--force will not delete them"):
+        quantize_awq(MODEL, str(stranger), force=True)
+    assert (stranger / "notes.txt").read_text() == "mine"
 
 
 def test_calibration_samples_and_errors(tmp_path):

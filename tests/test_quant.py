@@ -280,3 +280,11 @@ def test_bnb_on_cuda(method):
     r = quant_report(MODEL, QuantConfig(method=method), loaded=loaded)
     assert r["linear_bytes_ratio"] < THRESHOLDS[method][0]
     assert r["quality"]["sqnr_db_min"] > THRESHOLDS[method][1] - 1  # fp16 compute
+
+
+def test_quantize_method_none_reports_without_sqnr(capsys):
+    """`vzedge quantize --method none`: the reference itself, zero logit error, and no SQNR row to format (it
+    raised a TypeError that the CLI showed as bad input before)."""
+    assert cli.run(["quantize", "--model", MODEL, "--method", "none", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "max|Δlogit| 0.0000, top-1 1.000, SQNR n/a (no quantized layer)" in out

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 
@@ -19,17 +18,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         skip_modules=tuple(args.skip_modules),
     )
     calib = CalibConfig(samples=args.calib, seq_len=args.calib_len, data=args.calib_data)
-    lock = contextlib.nullcontext()
-    if args.out:
-        from vzedge.io import check_replaceable_dir, output_lock
-
-        # Up front (not after calibrating), and held for the whole run: a second quantize to the same --out
-        # fails at once. "vzedge_quant.json" is what every AWQ output of vzedge holds.
-        check_replaceable_dir(args.out, "vzedge_quant.json", args.force)
-        lock = output_lock(args.out)
     try:
-        with lock:
-            report = quantize(args.model, qcfg, out=args.out, calib=calib, device=args.device, force=args.force)
+        report = quantize(args.model, qcfg, out=args.out, calib=calib, device=args.device, force=args.force)
     except (MemoryError, QuantKernelError, QuantCheckError) as err:
         print(f"vzedge quantize: {err}", file=sys.stderr)
         return 1

@@ -46,10 +46,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
                 if s.step == 1 or s.step == s.total or s.step % max(1, s.total // 20) == 0:
                     print(f"step {s.step}/{s.total}  epoch {s.epoch}  loss {s.loss:.4f}  lr {s.lr:.2e}", flush=True)
 
-        from vzedge.io import output_lock
-
-        with output_lock(cfg.out):  # a second tune into the same --out fails at once instead of interleaving
-            result = tune(cfg, on_step=on_step)
+        result = tune(cfg, on_step=on_step)
     t = result.config["training"]
     before = "" if t["loss_before"] is None else f"; held-in loss {t['loss_before']:.4f} -> {t['loss_after']:.4f}"
     plotted = (result.out / PLOT_FILE).is_file()
@@ -66,9 +63,10 @@ def _cmd_make_data(args: argparse.Namespace) -> int:
     from vzedge.images import ImageLimits
     from vzedge.tune import make_data
 
-    # Checked here until make_data checks it itself: a --size of 100000 would draw 30 GB scenes.
-    ImageLimits(max_pixels=args.max_image_pixels).check(args.size, args.size, f"--size {args.size}: each scene")
-    path = make_data(args.out, n=args.n, split=args.split, seed=args.seed, size=args.size, variant=args.variant)
+    limits = ImageLimits(max_pixels=args.max_image_pixels)
+    path = make_data(
+        args.out, n=args.n, split=args.split, seed=args.seed, size=args.size, variant=args.variant, limits=limits
+    )
     print(f"wrote {path}: use --data {path} --images {args.out}")
     return 0
 

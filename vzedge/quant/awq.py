@@ -24,11 +24,11 @@ from typing import Any
 import torch
 
 from vzedge._deps import require, resolve_device
-from vzedge.io import atomic_dir, write_json
+from vzedge.io import atomic_dir, check_replaceable_dir, output_lock, write_json
 from vzedge.models.loading import load_config, load_model
 from vzedge.quant.config import AWQ_GROUP_SIZES, QuantConfig
 from vzedge.quant.load import checkpoint_quant_method, stdout_to_stderr
-from vzedge.quant.report import quant_report
+from vzedge.quant.report import METADATA_FILE, quant_report
 
 log = logging.getLogger(__name__)
 
@@ -196,9 +196,17 @@ def quantize_awq(
     have = checkpoint_quant_method(load_config(model))
     if have is not None:
         raise ValueError(f"{model!r} is already quantized with {have}; AWQ needs the float checkpoint")
-    if os.path.exists(out) and not force:
-        raise ValueError(f"--out {out!r} exists; pass --force to replace it")
+    # Up front, before the model loads: only a folder vzedge wrote (it holds vzedge_quant.json) is replaced,
+    # and only with force. The lock, held to the end, makes a second quantize into `out` fail at once.
+    check_replaceable_dir(out, METADATA_FILE, force)
     dev = resolve_device(device)
+    with output_lock(out):
+        return _quantize_awq(model, out, qcfg, calib, dev, force)
+
+
+def _quantize_awq(
+    model: str, out: str, qcfg: QuantConfig, calib: CalibConfig, dev: torch.device, force: bool
+) -> dict[str, Any]:
     src = load_model(model, dtype=torch.float32)
     is_vlm = src.vlm is not None and hasattr(src.vlm.model, "language_model")
     if src.vlm is None:
@@ -260,7 +268,7 @@ def quantize_awq(
                 "gptqmodel": getattr(gptqmodel, "__version__", None),
                 "float_dtype": "float16",
             }
-            write_json(final / "vzedge_quant.json", meta)
+            write_json(final / METADATA_FILE, meta)
             report = _verify(str(final), model, dev)
             report["model"] = out
             write_json(final / "quant_report.json", report)

@@ -277,12 +277,12 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
             )
         )
     if q:
-        rows.append(
-            (
-                "quality",
-                f"max|Δlogit| {q['max_abs_logit_err']:.4f}, top-1 {q['top1_agreement']:.3f}, "
-                f"SQNR min {q['sqnr_db_min']:.2f} dB mean {q['sqnr_db_mean']:.2f} dB",
-            )
+        # No quantized layer (method none, or every linear skipped): no SQNR to report.
+        sqnr = (
+            f"SQNR min {q['sqnr_db_min']:.2f} dB mean {q['sqnr_db_mean']:.2f} dB"
+            if q.get("sqnr_db_min") is not None
+            else "SQNR n/a (no quantized layer)"
         )
+        rows.append(("quality", f"max|Δlogit| {q['max_abs_logit_err']:.4f}, top-1 {q['top1_agreement']:.3f}, {sqnr}"))
     rows += [("fallback", r) for r in report["fallback_reasons"]]
     return rows

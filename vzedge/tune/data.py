@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from vzedge import synth
-from vzedge.images import load_image
+from vzedge.images import ImageLimits, load_image
 from vzedge.io import sha256_file
 
 log = logging.getLogger(__name__)
@@ -270,16 +270,19 @@ def make_data(
     seed: int = 0,
     size: int = 224,
     variant: str = "standard",
+    limits: ImageLimits | None = None,
 ) -> str:
     """Write `n` synthetic VQA samples as LLaVA-format `out/data.json` + `out/images/` (offline).
 
-    Returns the JSON path; `vzedge tune --data OUT/data.json --images OUT` reads it.
+    Returns the JSON path; `vzedge tune --data OUT/data.json --images OUT` reads it. `limits` bound each scene's
+    size x size pixels (default `ImageLimits()`: a --size of 100000 would draw 30 GB scenes).
     """
 
     if Path(out).exists():
         raise FileExistsError(f"--out {out} exists; make-data writes a new folder, choose another path")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n={n!r}: pass --n >= 1 samples")
+    (limits or ImageLimits()).check(size, size, f"--size {size}: each scene")
     if variant not in synth.VARIANTS:
         raise ValueError(f"variant={variant!r}: use one of {synth.VARIANTS}")
     return synth.export_llava(str(out), split=split, n=n, seed=seed, size=size, variant=variant)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from vzedge import __version__
-from vzedge.io import write_text
+from vzedge.io import output_lock, write_text
 from vzedge.models.llava import anyres_family, apply_visionzip, remove_visionzip
 from vzedge.models.loading import BUILTIN_MODELS, load_model
 from vzedge.models.projector import FORMAT, base_fingerprint, load_projector_state, projector_sha256
@@ -131,8 +131,20 @@ def tune(cfg: TuneConfig, on_step: Callable[[StepInfo], None] | None = None) -> 
     if not isinstance(cfg, TuneConfig):
         raise TypeError(f"cfg must be a TuneConfig, got {type(cfg).__name__}")
     records, skipped = read_records(cfg.data, cfg.images, cfg.on_missing_image)
+    dev = _device(cfg.device)  # a bad --device is refused before check_out creates the folder
+    # Held for the whole run: a second tune into the same folder fails at once instead of interleaving.
+    with output_lock(cfg.out):
+        return _tune_locked(cfg, dev, records, skipped, on_step)
+
+
+def _tune_locked(
+    cfg: TuneConfig,
+    dev: torch.device,
+    records: list[Any],
+    skipped: list[str],
+    on_step: Callable[[StepInfo], None] | None,
+) -> TuneResult:
     check_out(cfg.out, cfg.force)
-    dev = _device(cfg.device)
     amp = _amp_dtype(dev)
     loaded = load_base(cfg, dev)
     vlm, processor = loaded.vlm, loaded.processor

@@ -128,6 +128,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         report = run_loop(cfg, on_frame=on_frame)
     write_reports(args, report)
+    return _finish_run(report)
+
+
+def _finish_run(report: dict) -> int:
+    """The last answer, then the run's exit status: 1 stopped by an error, 130 interrupted (one line), else 0."""
     last = next((f for f in reversed(report["frames"]) if f["answer"] is not None), None)
     if last is not None:
         print(f"last answer (frame {last['index']}): {last['answer']}")
@@ -158,13 +163,7 @@ def _run_remote(args: argparse.Namespace, cfg) -> int:
         f"sent {r['embeds_bytes_per_image']} B of image tokens per image ({r['wire_dtype']}; request "
         f"{r['request_bytes_per_image']} B) to {r['url']}; server prompt {r['server_prompt_tokens']} tokens"
     )
-    last = next((f for f in reversed(report["frames"]) if f["answer"] is not None), None)
-    if last is not None:
-        print(f"last answer (frame {last['index']}): {last['answer']}")
-    if report.get("stopped_by_error"):
-        print(f"vzedge run: stopped: {report['stopped_by_error']}", file=sys.stderr)
-        return 1
-    return 130 if report["interrupted"] else 0
+    return _finish_run(report)
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ from torch import nn
 
 from vzedge._deps import require
 from vzedge.encoder import VisionZipEncoder
+from vzedge.export.opcheck import constant_tensors
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +116,7 @@ def downgrade_opset(model: Any, opset: int) -> Any:
     if opset != 17:
         raise ValueError(f"opset {opset}: only 17 (TensorRT 8.6) is written by downgrading; use --opset 17 or 18")
     # Tensor protos by name, converted only where read: the axes are a few int64s, the weights a gigabyte.
-    constants = {init.name: init for init in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    constants[node.output[0]] = attr.t
+    constants = constant_tensors(model)
     problems = []
     for node in model.graph.node:
         if node.domain not in ("", "ai.onnx"):

@@ -87,6 +87,17 @@ def _constants(model: Any) -> set[str]:
     return names
 
 
+def constant_tensors(model: Any) -> dict[str, Any]:
+    """Tensor protos by name: the initializers and the `value` of Constant nodes (not converted to numpy)."""
+    tensors = {init.name: init for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    tensors[node.output[0]] = attr.t
+    return tensors
+
+
 def _elem_types(model: Any) -> dict[str, int]:
     """Element type of every tensor, from shape inference (names absent where inference could not type them)."""
     import onnx
@@ -138,12 +149,7 @@ def _qdq_problems(model: Any, constants: set[str]) -> list[str]:
     per-channel scale on an activation (only constant weights may have one)."""
     from onnx import numpy_helper
 
-    tensors = {init.name: init for init in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    tensors[node.output[0]] = attr.t
+    tensors = constant_tensors(model)
     problems = []
     for node in model.graph.node:
         if node.op_type not in QDQ_OPS:

@@ -30,6 +30,7 @@ class Session:
     llm: LLMBackend
     device: str
     load_s: float
+    released_vision_bytes: int = 0  # the PyTorch vision tower + projector freed because the graph replaces them
 
 
 def load_session(cfg: RunConfig) -> Session:
@@ -56,6 +57,8 @@ def load_session(cfg: RunConfig) -> Session:
         from vzedge.models.projector import load_tuned_projector
 
         load_tuned_projector(cfg.projector, loaded.vlm, cfg.visionzip)
+    # Before the graph opens, so the tower and the graph are never in memory together.
+    released = release_torch_vision(loaded.vlm) if graph_replaces_torch_vision(cfg) else 0
     vision = open_vision_backend(
         cfg.vision, loaded, cfg.visionzip, cfg.vision_backend, device, cfg.layout, cfg.adaptive
     )
@@ -65,7 +68,40 @@ def load_session(cfg: RunConfig) -> Session:
     llm = LLMBackend(loaded.vlm, loaded.processor.tokenizer, template)
     check_prompt_fits(llm, vision, cfg.prompt, cfg.max_new_tokens, cfg.clip)
     log.info("loaded %s: vision %s (%d tokens), LLM %s", cfg.model, vision.name, vision.num_tokens, cfg.quant)
-    return Session(cfg, loaded, vision, llm, device, time.perf_counter() - t0)
+    return Session(cfg, loaded, vision, llm, device, time.perf_counter() - t0, released)
+
+
+def graph_replaces_torch_vision(cfg: RunConfig) -> bool:
+    """True when the run encodes images with an exported graph that holds the projector: the PyTorch vision
+    tower and projector are then never called (`--vision-backend torch` still runs the PyTorch encoder)."""
+    if cfg.vision is None or cfg.vision_backend == "torch":
+        return False
+    from vzedge.manifest import read_manifest
+
+    return bool(read_manifest(cfg.vision).get("projector"))
+
+
+def release_torch_vision(vlm: Any) -> int:
+    """Free the weights of `vlm`'s vision tower and projector; return the bytes freed.
+
+    The modules stay in place with their configs (code that reads shapes or configs keeps working); their
+    parameters and buffers move to the meta device, so they hold no memory and any forward through them fails.
+    The LLM's device and dtype come from its embeddings, which stay where they are."""
+    import gc
+
+    from vzedge.runtime.metrics import trim_heap
+
+    freed = 0
+    for name in ("vision_tower", "multi_modal_projector"):
+        module = getattr(vlm.model, name, None)
+        if module is not None:
+            held = (t for t in (*module.parameters(), *module.buffers()) if t.device.type != "meta")
+            freed += sum(t.numel() * t.element_size() for t in held)
+            module.to("meta")
+    gc.collect()
+    trim_heap()
+    log.info("freed the PyTorch vision tower and projector (%.1f MiB): the graph replaces them", freed / 2**20)
+    return freed
 
 
 def check_prompt_fits(
@@ -99,6 +135,7 @@ def _report(session: Session, pipe: Pipeline, sampler: MemorySampler, title: str
         "image_tokens": session.vision.num_tokens,
         "quant": _quant_label(session.loaded.vlm, cfg.quant),
         "load_s": round(session.load_s, 3),
+        "torch_vision_released_mib": round(session.released_vision_bytes / 2**20, 1),
         "interrupted": pipe.interrupted,
         "conditions": conditions(),
         "summary": summary,

@@ -42,6 +42,18 @@ def host_rss_bytes() -> int:
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc `malloc_trim`), so RSS shows memory just released; a no-op
+    where the C library has no such call."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    if trim is not None:
+        trim(0)
+
+
 def gpu_memory() -> dict[str, int] | None:
     """torch allocator figures (current/peak allocated, reserved) and NVML per-process use, if CUDA is up."""
     import torch

@@ -364,10 +364,12 @@ class RuntimeRunner:
 
 
 def open_deployed(row: Row, folder: str, exports: dict[str, Path], awq_dir: Path | None, dtype: str, float_model: Any,
-                  template: str) -> RuntimeRunner:  # fmt: skip
+                  template: str, own_float: bool = False) -> RuntimeRunner:  # fmt: skip
     """The ORT vision backend from the export's manifest and the LLM as `vzedge run --quant` loads it (LLaVA-NeXT:
     the crops through the graph as one batch, arranged by the runtime's AnyresVisionBackend). float_model: the
-    float LoadedModel, used as is for quant 'none'."""
+    float LoadedModel, used as is for quant 'none'. As `vzedge run --vision` does, the LLM's PyTorch vision tower
+    and projector are freed before the graph opens (the graph holds the projector), except in a float model
+    shared with the stock rows (`own_float` False)."""
     from vzedge.manifest import read_manifest, verify_files
     from vzedge.runtime.backends.llm import LLMBackend
     from vzedge.runtime.backends.ort import OrtVisionBackend
@@ -379,7 +381,6 @@ def open_deployed(row: Row, folder: str, exports: dict[str, Path], awq_dir: Path
     verify_files(export_dir, manifest)
     # Built directly, not through open_vision_backend: an AWQ checkpoint is another folder than the export's
     # source (its vzedge_quant.json names the float source), which open_vision_backend would refuse.
-    vision: Any = OrtVisionBackend(Path(export_dir), manifest, "ort-cpu")
     loaded = float_model
     if row.quant != "none":
         from vzedge.quant import QuantConfig, load_quantized
@@ -388,6 +389,11 @@ def open_deployed(row: Row, folder: str, exports: dict[str, Path], awq_dir: Path
             raise ValueError("no AWQ checkpoint was made")
         src = str(awq_dir) if row.quant == "awq" else folder
         loaded = load_quantized(src, QuantConfig(method=row.quant, compute_dtype=dtype, fallback=False), device="cpu")
+    if manifest.get("projector") and (row.quant != "none" or own_float):
+        from vzedge.runtime.api import release_torch_vision
+
+        release_torch_vision(loaded.vlm)
+    vision: Any = OrtVisionBackend(Path(export_dir), manifest, "ort-cpu")
     if is_anyres(loaded):
         vision = AnyresVisionBackend(loaded, VisionZipConfig(*row.budget), "reference", graph=vision)
     return RuntimeRunner(vision, LLMBackend(loaded.vlm, loaded.processor.tokenizer, template))
@@ -534,7 +540,7 @@ def child_memory(job: dict[str, Any]) -> dict[str, Any]:
         exports = {k: Path(v) for k, v in job["exports"].items()}
         loaded = load_model(job["folder"], dtype=DTYPES[job["dtype"]]) if row.quant == "none" else None
         awq = Path(job["awq_dir"]) if job.get("awq_dir") else None
-        runner: Any = open_deployed(row, job["folder"], exports, awq, job["dtype"], loaded, job["template"])
+        runner: Any = open_deployed(row, job["folder"], exports, awq, job["dtype"], loaded, job["template"], True)
     else:
         loaded = load_model(job["folder"], dtype=DTYPES[job["dtype"]])
         runner = HFRunner(loaded.vlm, loaded.processor, job["template"], "cpu")

@@ -71,6 +71,7 @@ def test_exported_graph_runs_the_crops_and_the_runtime_arranges_them(next_dir, t
     torch_s = load_session(RunConfig(model=str(next_dir), visionzip=VZ, max_new_tokens=4))
     ort_s = load_session(RunConfig(model=str(next_dir), vision=str(out), visionzip=VZ, max_new_tokens=4))
     assert ort_s.vision.name.startswith("anyres-reference-ort")
+    assert ort_s.released_vision_bytes > 0  # the crops run through the graph, not the freed PyTorch tower
     for image in (demo_image(seed=2), Image.new("RGB", (300, 150), (200, 40, 40))):
         a = torch_s.vision.encode_prepared(torch_s.vision.prepare([image]))
         b = ort_s.vision.encode_prepared(ort_s.vision.prepare([image]))

@@ -57,11 +57,28 @@ def test_same_tokens_and_answers_from_ort_and_torch(sessions):
         assert a_t.token_ids == a_o.token_ids, (seed, a_t.text, a_o.text)
 
 
+def test_graph_with_the_projector_frees_the_torch_vision_tower(exported, sessions):
+    """The graph replaces the PyTorch tower and projector: their weights are freed at load (the answers above come
+    from such a session), the LLM keeps its own, and `--vision-backend torch` keeps the tower it runs."""
+    torch_s, ort_s = sessions
+    ref = torch_s.loaded.vlm.model
+    parts = (ref.vision_tower, ref.multi_modal_projector)
+    expected = sum(t.numel() * t.element_size() for m in parts for t in (*m.parameters(), *m.buffers()))
+    assert ort_s.released_vision_bytes == expected > 0
+    inner = ort_s.loaded.vlm.model
+    assert all(p.is_meta for m in (inner.vision_tower, inner.multi_modal_projector) for p in m.parameters())
+    assert not any(p.is_meta for p in inner.language_model.parameters())
+    assert torch_s.released_vision_bytes == 0 and not any(p.is_meta for p in ref.parameters())
+    kept = load_session(RunConfig(model="tiny-random", vision=str(exported), vision_backend="torch"))
+    assert kept.released_vision_bytes == 0 and kept.vision.name.startswith("torch")
+
+
 def test_loop_runs_on_the_ort_backend(exported, sessions):
     _, ort_s = sessions
     report = run(RunConfig(model="tiny-random", vision=str(exported), source="synthetic:4", policy="all"), ort_s)
     assert report["summary"]["frames"]["processed"] == 4
     assert report["vision_backend"] == "ort-cpu"
+    assert report["torch_vision_released_mib"] == round(ort_s.released_vision_bytes / 2**20, 1)
 
 
 def test_tampered_export_is_refused(exported, tmp_path):

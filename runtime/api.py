@@ -200,7 +200,7 @@ def chat(cfg: RunConfig, questions: list[str], session: Session | None = None) -
     t1 = time.perf_counter()
     tokens = session.vision.encode_prepared(prepared)
     t2 = time.perf_counter()
-    prefix = session.llm.prefill_image(tokens[:1])
+    prefix = session.llm.prefill_image(tokens[:1])  # eager: the report gives the prefix its own time
     turns = []
     for i, q in enumerate(questions):
         ans = session.llm.answer(prefix, q, cfg.max_new_tokens)

@@ -124,7 +124,7 @@ class Pipeline:
             prefix, prefill_ms = self._last_prefix[1], 0.0
         else:
             self._last_prefix = None  # free the previous frame's KV before building this one
-            prefix = self.llm.prefill_image(item.tokens[:1])
+            prefix = self.llm.prefill_image(item.tokens[:1], defer=True)  # runs with the first question
             prefill_ms = prefix.prefill_ms
             self._last_prefix = (item.key, prefix)
         ans = self.llm.answer(prefix, self.prompt, self.max_new_tokens)

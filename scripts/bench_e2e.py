@@ -349,7 +349,7 @@ class RuntimeRunner:
         t1 = time.perf_counter()
         tokens = self.vision.encode_prepared(prepared)
         t2 = time.perf_counter()
-        prefix = self.llm.prefill_image(tokens[:1])
+        prefix = self.llm.prefill_image(tokens[:1], defer=True)  # one pass with the question, as the runtime
         ans = self.llm.answer(prefix, question, new_tokens, ignore_eos=True)
         t_end = time.perf_counter()
         return Call(

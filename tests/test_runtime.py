@@ -283,7 +283,7 @@ def test_clips_of_frames_per_question(session, pipelined, monkeypatch):
     """clip=4: each frame compressed alone, 4 x 64 tokens per question, a partial tail clip counted."""
     seen = []
     real = session.llm.prefill_image
-    monkeypatch.setattr(session.llm, "prefill_image", lambda t: seen.append(t.detach().clone()) or real(t))
+    monkeypatch.setattr(session.llm, "prefill_image", lambda t, **kw: seen.append(t.detach().clone()) or real(t, **kw))
     report = run(RunConfig(source="synthetic:10", clip=4, policy="all", pipelined=pipelined, **FAST), session)
     f = _accounted(report, 10)
     assert f["processed"] == 8 and f["dropped_by_stage"] == {"incomplete_clip": 2}
@@ -322,3 +322,50 @@ def test_long_runs_keep_a_bounded_window_of_records():
     }
     assert s["new_tokens"] == 800
     assert s["stats_window_frames"] == len(m.frames)
+
+
+def test_deferred_prefix_runs_with_the_first_question_and_then_serves_like_an_eager_one():
+    """defer=True: one forward for [prefix + image + question]; the first answer equals the eager prefix's (same
+    greedy tokens, logits within float noise), later questions reuse the cropped cache, and a forward that fails
+    leaves the prefix deferred (a fresh cache, its embeddings kept) so the next question still answers."""
+    from vzedge.models.loading import load_model
+    from vzedge.runtime.backends.llm import LLMBackend
+
+    loaded = load_model("tiny")
+    llm = LLMBackend(loaded.vlm, loaded.processor.tokenizer)
+    torch.manual_seed(0)
+    tokens = torch.randn(1, 28, llm.hidden_size) * 0.5
+    eager = llm.prefill_image(tokens)
+    deferred = llm.prefill_image(tokens, defer=True)
+    assert deferred.pending is not None and deferred.cache.get_seq_length() == 0
+    assert deferred.length == eager.length
+    for question in ("What colour is the circle?", "What shape is it?", "What colour is the circle?"):
+        a, b = llm.answer(eager, question, 6), llm.answer(deferred, question, 6)
+        assert a.token_ids == b.token_ids, question
+        torch.testing.assert_close(b.first_logits, a.first_logits, atol=1e-4, rtol=1e-4)
+        assert deferred.pending is None and deferred.cache.get_seq_length() == eager.length
+    streamed = llm.prefill_image(tokens, defer=True)
+    assert list(llm.stream(streamed, " What colour is the circle? ASSISTANT:", 4)) == list(
+        llm.stream(eager, " What colour is the circle? ASSISTANT:", 4)
+    )
+    assert streamed.pending is None and streamed.cache.get_seq_length() == eager.length
+
+    broken = llm.prefill_image(tokens, defer=True)
+    real_lm = llm.lm
+    calls = {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        raise RuntimeError("out of memory (simulated)")
+
+    llm.lm = failing
+    try:
+        with pytest.raises(RuntimeError, match="simulated"):
+            llm.answer(broken, "What colour is the circle?", 4)
+    finally:
+        llm.lm = real_lm
+    assert calls["n"] == 1 and broken.pending is not None and broken.cache.get_seq_length() == 0
+    assert (
+        llm.answer(broken, "What colour is the circle?", 6).token_ids
+        == llm.answer(eager, "What colour is the circle?", 6).token_ids
+    )

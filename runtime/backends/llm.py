@@ -3,6 +3,12 @@
 VisionZip is text-agnostic, so the KV cache of [prompt prefix + image tokens] is computed once per
 frame and every question about that frame starts from it: after an answer the cache is cropped back
 to the prefix instead of being copied.
+
+A deferred prefix (`prefill_image(..., defer=True)`) holds the prefix's embeddings instead of its cache: the
+first question's prefill runs them in the same forward pass, and the crop after that answer leaves the cache of
+the prefix alone, as an eager prefill would. One pass instead of two for a new image's first question: every
+forward streams all of the LLM's weights (a fixed cost that dominates at a few dozen tokens: ~1.4 s per pass for
+a 7B bf16 LLM on a 2-core CPU), so the split costs one extra weight pass per image.
 """
 
 from __future__ import annotations
@@ -22,16 +28,17 @@ DEFAULT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
 
 @dataclass
 class Prefix:
-    cache: Any  # transformers Cache holding [prefix text + image tokens]
+    cache: Any  # transformers Cache holding [prefix text + image tokens] (empty while `pending` is set)
     length: int
     prefill_ms: float
+    pending: torch.Tensor | None = None  # deferred: the prefix's embeddings, run with the first question
 
 
 @dataclass
 class Answer:
     text: str
     token_ids: list[int]
-    prefill_ms: float  # the question's prefill (the image prefix is in Prefix.prefill_ms)
+    prefill_ms: float  # the question's prefill (the image prefix's too when the prefix was deferred)
     ttft_ms: float
     decode_ms_per_token: float
     first_logits: torch.Tensor
@@ -76,10 +83,12 @@ class LLMBackend:
         return int(self._ids(self.prefix_text, bos=True).shape[1] + self._ids(suffix, bos=False).shape[1])
 
     @torch.inference_mode()
-    def prefill_image(self, image_tokens: torch.Tensor, prefix_text: str | None = None) -> Prefix:
+    def prefill_image(self, image_tokens: torch.Tensor, prefix_text: str | None = None, defer: bool = False) -> Prefix:
         """KV cache of [BOS + prefix text + image tokens]; image_tokens [1, K, D_llm] or [K, D_llm].
 
-        prefix_text: the prompt before the image (default: the template's)."""
+        prefix_text: the prompt before the image (default: the template's). defer: build only the embeddings;
+        the first `answer`/`stream` on this prefix runs them with its question in one pass (see the module doc).
+        """
         from transformers import DynamicCache
 
         if image_tokens.dim() == 2:
@@ -94,6 +103,8 @@ class LLMBackend:
         prefix = self.embed(self._ids(text, bos=True))
         embeds = torch.cat([prefix, image_tokens.to(self.device, self.dtype)], dim=1)
         cache = DynamicCache(config=self.vlm.config.text_config)
+        if defer:
+            return Prefix(cache, embeds.shape[1], (time.perf_counter() - t0) * 1e3, pending=embeds)
         self.lm(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
         sync(self.device)
         return Prefix(cache=cache, length=embeds.shape[1], prefill_ms=(time.perf_counter() - t0) * 1e3)
@@ -101,7 +112,24 @@ class LLMBackend:
     @staticmethod
     def copy_prefix(prefix: Prefix) -> Prefix:
         """A private copy of a prefix's KV cache, for decoding several answers from one image at the same time."""
-        return Prefix(cache=copy.deepcopy(prefix.cache), length=prefix.length, prefill_ms=prefix.prefill_ms)
+        return Prefix(copy.deepcopy(prefix.cache), prefix.length, prefix.prefill_ms, prefix.pending)
+
+    def _with_pending(self, prefix: Prefix, inputs: torch.Tensor) -> torch.Tensor:
+        """The question's embeddings, after the deferred prefix's own when it has not run yet."""
+        return inputs if prefix.pending is None else torch.cat([prefix.pending, inputs], dim=1)
+
+    def _settle(self, prefix: Prefix) -> None:
+        """After an answer: crop the cache back to the prefix. A deferred prefix whose first pass did not complete
+        (an error in the forward, a stream closed before its first token) keeps its embeddings and a fresh cache."""
+        from transformers import DynamicCache
+
+        seen = prefix.cache.get_seq_length()
+        if prefix.pending is not None and seen < prefix.length:
+            prefix.cache = DynamicCache(config=self.vlm.config.text_config)
+            return
+        prefix.pending = None
+        if seen > prefix.length:
+            prefix.cache.crop(prefix.length - seen)
 
     @torch.inference_mode()
     def stream(
@@ -128,7 +156,7 @@ class LLMBackend:
             raise ValueError("the prompt after the image is empty; the template must end with the assistant's turn")
         cache = prefix.cache
         try:
-            inputs = self.embed(ids)
+            inputs = self._with_pending(prefix, self.embed(ids))
             for _ in range(max_new_tokens):
                 h = self.lm(inputs_embeds=inputs, past_key_values=cache, use_cache=True).last_hidden_state
                 token = sample_token(self.lm_head(h[:, -1])[0], temperature, top_p, generator)
@@ -138,9 +166,7 @@ class LLMBackend:
                     return
                 inputs = self.embed(torch.tensor([[token]], device=self.device))
         finally:
-            extra = cache.get_seq_length() - prefix.length
-            if extra > 0:
-                cache.crop(-extra)
+            self._settle(prefix)
 
     @torch.inference_mode()
     def answer(
@@ -164,7 +190,8 @@ class LLMBackend:
         try:
             t0 = time.perf_counter()
             ids = self._ids(self.suffix_template.format(question=question), bos=False)
-            h = self.lm(inputs_embeds=self.embed(ids), past_key_values=cache, use_cache=True).last_hidden_state
+            inputs = self._with_pending(prefix, self.embed(ids))
+            h = self.lm(inputs_embeds=inputs, past_key_values=cache, use_cache=True).last_hidden_state
             logits = self.lm_head(h[:, -1]).float()
             del h  # the question's hidden states are not needed while decoding
             sync(self.device)
@@ -187,10 +214,7 @@ class LLMBackend:
             if on_phase is not None:
                 on_phase("decode", cache)
         finally:
-            # Roll the cache back to [prefix + image]; transformers 5 crops by a negative token count.
-            extra = cache.get_seq_length() - prefix.length
-            if extra > 0:
-                cache.crop(-extra)
+            self._settle(prefix)  # roll the cache back to [prefix + image]
         decoded = [t for t in out if t != self.eos_id]
         n_decode = max(1, len(out) - 1)
         return Answer(

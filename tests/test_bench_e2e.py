@@ -79,6 +79,10 @@ def test_quick_rows_tokens_and_agreement(quick):
     assert set(t["prefill_speedup_at_least_0.9_flops_ratio"]) == set(rows) - {"stock"}
     assert t["ttft_at_least_4x_at_54+10"] == (rows["vzedge-torch 54+10"]["ttft_speedup_p50"] >= 4.0)
     assert "ttft_at_least_4x_at_54+10_projected_full_depth" not in t  # tiny runs at full depth: nothing projected
+    at64 = {n for n, r in rows.items() if r["visual_tokens"] == 64 and n != "stock"}
+    assert set(t["ttft_at_least_4x_at_64_tokens"]) == at64 and "vzedge-torch 54+10" in at64
+    fit = quick["prefill_fit"]  # four points on one path: stock and three budgets
+    assert len(fit["points"]) == 4 and fit["r2"] is not None
 
 
 @pytest.mark.slow
@@ -125,3 +129,19 @@ def test_projection_is_labelled_and_scales_llm_time_only():
     got = mod.projection(rows, 2, 32, 8, 24)
     assert got[0]["ttft_ms_p50"] == pytest.approx(300 + 50 * 16)
     assert got[1]["ttft_ms_p50"] == pytest.approx(100 * 23 / 7 + 10 * 16, abs=0.1)
+
+
+def test_prefill_fit_recovers_a_known_line():
+    """intercept + slope x tokens, exact for points on a line, and None with fewer than three distinct lengths."""
+    mod = _load_script()
+
+    def row(kind, visual, ms):
+        return {"kind": kind, "visual_tokens": visual, "prefill_ms": {"p50": ms}}
+
+    rows = [row("stock", 576, 1400 + 22.0 * 623), row("torch", 64, 1400 + 22.0 * 111)]
+    rows.append(row("torch", 32, 1400 + 22.0 * 79))
+    rows.append(row("deployed", 64, 99999.0))  # another path: left out of the fit
+    fit = mod.prefill_fit(rows, text_tokens=47)
+    assert fit["intercept_ms"] == pytest.approx(1400, abs=0.1) and fit["ms_per_token"] == pytest.approx(22.0, abs=1e-3)
+    assert fit["r2"] == pytest.approx(1.0) and len(fit["points"]) == 3
+    assert mod.prefill_fit(rows[:2], text_tokens=47) is None

@@ -158,3 +158,14 @@ def test_text_stage_select_and_describe() -> None:
     assert stage.describe()["text_conditioned"] is True
     with pytest.raises(ValueError, match="stage 1 cached only 20"):
         TextStage(21).select(tokens, torch.randn(2, 3, 8))
+
+
+def test_unconditioned_ablation_is_a_plain_dpp() -> None:
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.randn(2, 20, 8, generator=g)
+    stage = TextStage(6, conditioned=False)
+    _, kept = stage.select(tokens, None)
+    assert torch.equal(kept, conditional_dpp_indices(tokens, torch.ones(2, 20), 6))
+    assert stage.name == "dpp" and stage.describe()["text_conditioned"] is False
+    with pytest.raises(ValueError, match="needs the question"):
+        TextStage(6).select(tokens, None)

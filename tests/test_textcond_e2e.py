@@ -59,8 +59,9 @@ def test_selection_follows_the_question(tiny):
 def test_eval_row_is_labelled_with_intervals(tmp_path, capsys):
     out = tmp_path / "r.json"
     argv = ["eval", "--model", "tiny", "--data", "synth-small", "--tokens", "64", "--n", "6"]
-    assert cli([*argv, "--methods", "random,cdpruner", "--batch-size", "6", "--json", str(out)]) == 0
-    assert "| cdpruner (text-conditioned) | 64 | 28 |" in capsys.readouterr().out
+    assert cli([*argv, "--methods", "random,cdpruner,dpp", "--batch-size", "6", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| cdpruner (text-conditioned) | 64 | 28 |" in printed and "| dpp | 64 | 28 |" in printed
     res = json.loads(out.read_text())
     rows = {r["method"]: r for r in res["rows"]}
     row = rows["cdpruner"]
@@ -68,6 +69,8 @@ def test_eval_row_is_labelled_with_intervals(tmp_path, capsys):
     assert row["tokens"] == 28 and 0 <= row["ci_low"] <= row["accuracy"]["overall"] <= row["ci_high"] <= 1
     assert set(row["ci_per_kind"]) == {"colour", "shape", "word"}
     assert row["vs_random"]["a_only"] + row["vs_random"]["b_only"] <= 6
+    assert set(row["vs_same_tokens"]) == {"random", "dpp"} and rows["dpp"]["text_conditioned"] is False
+    assert res["text_conditioned"]["methods"] == {"cdpruner": True, "dpp": False}
     assert res["text_conditioned"]["text_conditioned"] is True and "question" in res["text_conditioned"]["relevance"]
 
 

@@ -76,7 +76,7 @@ def plot(result: dict[str, Any], path: str) -> None:
     rows = result["rows"]
     full = rows[0]
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
-    styles = dict(zip(METHODS, ("o-", "v-", "P-", "s--", "^:", "X-"), strict=True))
+    styles = dict(zip(METHODS, ("o-", "v-", "P-", "s--", "^:", "X-", "x--"), strict=True))
     styles[TUNED_METHOD] = "D-."
     colours = {}
     for method, style in styles.items():

@@ -40,7 +40,15 @@ from torch import nn
 from vzedge import synth
 from vzedge.bench import conditions
 from vzedge.encoder import VisionZipEncoder
-from vzedge.eval.config import ADAPTIVE_SUFFIX, LLAVA15_PATCHES, TEXT_METHODS, TUNED_METHOD, EvalConfig, TunedRow
+from vzedge.eval.config import (
+    ADAPTIVE_SUFFIX,
+    LLAVA15_PATCHES,
+    STAGE2_METHODS,
+    TEXT_METHODS,
+    TUNED_METHOD,
+    EvalConfig,
+    TunedRow,
+)
 from vzedge.eval.data import Item, baselines, correct, llava_items, mcnemar_exact, score, synth_items, wilson_interval
 from vzedge.eval.reduce import adapt_tower, reduced_tokens, scaled_budget, stock_image_tokens, visionzip_split
 from vzedge.eval.report import tuning_summary
@@ -90,11 +98,17 @@ def answer(
 
 @torch.no_grad()
 def answer_text_conditioned(
-    vlm: nn.Module, processor: Any, items: list[Item], k: int, batch_size: int, max_new_tokens: int
+    vlm: nn.Module,
+    processor: Any,
+    items: list[Item],
+    k: int,
+    batch_size: int,
+    max_new_tokens: int,
+    conditioned: bool = True,
 ) -> list[str]:
     """Greedy answers on k tokens per question chosen by the text-conditioned stage from all projected patch
-    tokens (stage 1), conditioned on each item's question."""
-    stage = TextStage(k)
+    tokens (stage 1), conditioned on each item's question (conditioned=False: the `dpp` ablation, relevance 1)."""
+    stage = TextStage(k, conditioned=conditioned)
     image_token = getattr(processor, "image_token", "<image>")
     out: list[str] = []
     for start in range(0, len(items), batch_size):
@@ -110,8 +124,9 @@ def answer_text_conditioned(
 
 def answer_with(vlm: nn.Module, processor: Any, items: list[Item], method: str, k: int, cfg: EvalConfig) -> list[str]:
     """Answers with k tokens per image chosen by `method` (a selector or a text-conditioned stage)."""
-    if method in TEXT_METHODS:
-        return answer_text_conditioned(vlm, processor, items, k, cfg.batch_size, cfg.max_new_tokens)
+    if method in STAGE2_METHODS:
+        conditioned = method in TEXT_METHODS
+        return answer_text_conditioned(vlm, processor, items, k, cfg.batch_size, cfg.max_new_tokens, conditioned)
     with reduced_tokens(vlm, method, k, cfg.seed):
         return answer(vlm, processor, items, k, cfg.batch_size, cfg.max_new_tokens)
 
@@ -314,6 +329,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.adaptive:
         adaptive = run_adaptive(cfg, vlm, processor, items, num_patches, rows, record)
     paired_with_random(rows, hits)
+    paired_second_stage(rows, hits)
     full = rows[0]["accuracy"]["overall"]
     for r in rows:
         r["relative_to_full"] = round(r["accuracy"]["overall"] / full, 4) if full > 0 else None
@@ -354,10 +370,15 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
 def _text_stage_record(cfg: EvalConfig) -> dict[str, Any] | None:
     """What the text-conditioned rows did (None when none ran): they saw the question, the others did not."""
-    if not any(m in TEXT_METHODS for m in cfg.methods):
+    if not any(m in STAGE2_METHODS for m in cfg.methods):
         return None
     info = {k: v for k, v in TextStage(1).describe().items() if k != "tokens"}
-    return {**info, "stage1": "the model's projected features of all patch tokens (image only, cacheable)"}
+    return {
+        **info,
+        "methods": {m: m in TEXT_METHODS for m in STAGE2_METHODS if m in cfg.methods},
+        "stage1": "the model's projected features of all patch tokens (image only, cacheable)",
+        "ablation": "dpp: the same stage with relevance 1 (the question unused)",
+    }
 
 
 @torch.no_grad()
@@ -422,6 +443,20 @@ def run_adaptive(
         "needed_mean": round(sum(needed) / len(needed), 3),
         "bucket_images": {str(counts[i]): len(idx) for i, idx in groups.items()},
     }
+
+
+def paired_second_stage(rows: list[dict[str, Any]], hits: list[list[bool]]) -> None:
+    """Add `vs_same_tokens` to each fixed-budget second-stage row (cdpruner, dpp): the paired McNemar test against
+    every other fixed-budget row at the same token count, so the question's effect is tested on the same items."""
+    fixed = [(r, ok) for r, ok in zip(rows, hits, strict=True) if not r["method"].endswith(ADAPTIVE_SUFFIX)]
+    for r, ok in fixed:
+        if r["method"] not in STAGE2_METHODS:
+            continue
+        r["vs_same_tokens"] = {
+            o["method"]: mcnemar_exact(ok, o_ok)
+            for o, o_ok in fixed
+            if o is not r and o["tokens"] == r["tokens"] and o["method"] != TUNED_METHOD
+        }
 
 
 def paired_with_random(rows: list[dict[str, Any]], hits: list[list[bool]]) -> None:

@@ -148,6 +148,8 @@ class TextStage:
     """Stage 2 on cached tokens: keep `k` of them by conditional DPP given the question's relevance.
 
     Not a `Selector`: selectors see only the image (stage 1, cached); this one also needs the question.
+    conditioned=False is the ablation: relevance 1 for every token (a plain DPP, diversity alone, the question
+    unused), named `dpp` and not text-conditioned.
     """
 
     name = "cdpruner"
@@ -155,24 +157,33 @@ class TextStage:
     needs_attention = False
     exportable = False  # it runs after the (exported or PyTorch) image stage, per question, in PyTorch
 
-    def __init__(self, k: int, reduce: str = "mean") -> None:
+    def __init__(self, k: int, reduce: str = "mean", conditioned: bool = True) -> None:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"text stage k={k!r}: pass a positive token count, e.g. --text-stage 64")
         if reduce not in RELEVANCE_REDUCE:
             raise ValueError(f"reduce={reduce!r}: use one of {RELEVANCE_REDUCE}")
         self.k = k
         self.reduce = reduce
+        self.conditioned = bool(conditioned)
+        if not self.conditioned:
+            self.name, self.text_conditioned = "dpp", False
 
     def select(
-        self, tokens: torch.Tensor, text_embeds: torch.Tensor, text_mask: torch.Tensor | None = None
+        self, tokens: torch.Tensor, text_embeds: torch.Tensor | None, text_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens [B, N, D] (cached), text_embeds [B, T, D] -> (kept tokens [B, k, D], positions [B, k] ascending)."""
+        """tokens [B, N, D] (cached), text_embeds [B, T, D] (unused when not conditioned) -> (kept tokens [B, k, D],
+        positions [B, k] ascending)."""
         if self.k > tokens.shape[1]:
             raise ValueError(
                 f"the text stage keeps {self.k} tokens but stage 1 cached only {tokens.shape[1]}; use --text-stage "
                 f"<= {tokens.shape[1]} or cache more tokens in stage 1 (e.g. --all-tokens)"
             )
-        rel = text_relevance(tokens, text_embeds, text_mask, self.reduce)
+        if self.conditioned:
+            if text_embeds is None:
+                raise ValueError("the text-conditioned stage needs the question's embeddings (text_embeds)")
+            rel = text_relevance(tokens, text_embeds, text_mask, self.reduce)
+        else:
+            rel = torch.ones(tokens.shape[:2], dtype=torch.float32, device=tokens.device)
         kept = conditional_dpp_indices(tokens, rel, self.k)
         return gather_rows(tokens, kept), kept
 
@@ -183,8 +194,12 @@ class TextStage:
             "needs_attention": self.needs_attention,
             "exportable": self.exportable,
             "tokens": self.k,
-            "relevance": f"cosine(projected visual token, LLM input embedding of question tokens), {self.reduce} "
-            "over question tokens, min-max per image",
+            "relevance": (
+                f"cosine(projected visual token, LLM input embedding of question tokens), {self.reduce} over "
+                "question tokens, min-max per image"
+                if self.conditioned
+                else "1 for every token (ablation: the question is not used)"
+            ),
             "kernel": "diag(r) cos(x_i, x_j) diag(r)",
             "inference": "greedy MAP (fast incremental Cholesky)",
         }

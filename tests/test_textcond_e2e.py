@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from vzedge._deps import bitsandbytes_available
 from vzedge.cli import EXIT_BAD_INPUT
 from vzedge.cli import run as cli
 from vzedge.eval.data import synth_items
@@ -146,3 +147,22 @@ def test_cli_refuses_text_stage_with_adaptive_and_remote(capsys):
     assert "drop --adaptive or --text-stage" in capsys.readouterr().err
     assert cli(["run", "--text-stage", "8", "--remote", "http://127.0.0.1:9"]) == EXIT_BAD_INPUT
     assert "server has no text stage" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not bitsandbytes_available(), reason="needs bitsandbytes (vzedge[bnb])")
+def test_text_stage_with_a_quantized_llm():
+    """nf4 LLM: the stage reads only the (unquantized) embedding table; stage 1 is the PyTorch encoder."""
+    cfg = RunConfig(model="tiny-random", quant="nf4", visionzip=None, text_stage=8, source="demo", **FAST)
+    session = load_session(cfg)
+    result = chat(cfg, ["What colour is the circle?"], session)
+    assert result["image_tokens"] == 8 and result["selection"]["text_conditioned"]
+    assert result["turns"][0]["new_tokens"] >= 1 and result["turns"][0]["prefix_tokens"] > 8
+
+
+@pytest.mark.parametrize("pipelined", [True, False], ids=["pipelined", "sequential"])
+def test_clip_of_frames_selects_per_frame(session, pipelined):
+    base = dict(model="tiny", visionzip=None, text_stage=14, source="synthetic:4", policy="all", **FAST)
+    report = run(RunConfig(**base, clip=2, pipelined=pipelined), session)
+    assert report["summary"]["frames"]["processed"] == 4
+    # The question of each clip saw 14 tokens of each of its 2 frames (recorded on the clip's first frame).
+    assert [f["image_tokens"] for f in report["frames"]][::2] == [28, 28]

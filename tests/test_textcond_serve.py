@@ -63,6 +63,7 @@ def server(tmp_path_factory):
     s.stop()
 
 
+@pytest.mark.slow
 def test_server_answers_with_the_text_stage_like_chat(server, tmp_path):
     from vzedge.runtime.api import chat
     from vzedge.runtime.config import RunConfig

@@ -39,8 +39,9 @@ def _check_llava15(vlm: nn.Module) -> Any:
 def image_cache_tokens(vlm: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """Stage 1: the model's projected features of every image token it would use: [B, N, D_llm]."""
     inner = _check_llava15(vlm)
+    device = next(inner.vision_tower.parameters()).device
     feats = inner.get_image_features(
-        pixel_values=pixel_values.to(vlm.dtype),
+        pixel_values=pixel_values.to(device=device, dtype=vlm.dtype),
         vision_feature_layer=vlm.config.vision_feature_layer,
         vision_feature_select_strategy=vlm.config.vision_feature_select_strategy,
     ).pooler_output
@@ -101,7 +102,7 @@ def generate_text_conditioned(
     where = ids == vlm.config.image_token_id
     if int(where.sum()) != b * k:
         raise ValueError(f"the prompts hold {int(where.sum())} image placeholders after expansion, expected {b * k}")
-    embeds = embed(ids).masked_scatter(where.unsqueeze(-1), image_tokens.to(embed.weight.dtype))
+    embeds = embed(ids).masked_scatter(where.unsqueeze(-1), image_tokens.to(ids.device, embed.weight.dtype))
     eos = vlm.generation_config.eos_token_id
     eos = tokenizer.eos_token_id if eos is None else eos
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos

@@ -16,6 +16,7 @@ from vzedge.runtime.config import RunConfig
 from vzedge.runtime.metrics import FrameRecord, MemorySampler, RunMetrics
 from vzedge.runtime.scheduler import Pipeline, StageError
 from vzedge.runtime.sources import open_source
+from vzedge.runtime.textstage import RuntimeTextStage
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ class Session:
     device: str
     load_s: float
     released_vision_bytes: int = 0  # the PyTorch vision tower + projector freed because the graph replaces them
+    text_stage: RuntimeTextStage | None = None  # stage 2 per question on the vision stage's cached tokens
 
 
 def load_session(cfg: RunConfig) -> Session:
@@ -66,9 +68,12 @@ def load_session(cfg: RunConfig) -> Session:
 
     template = cfg.template if cfg.template is not None else question_template(loaded.processor)
     llm = LLMBackend(loaded.vlm, loaded.processor.tokenizer, template)
-    check_prompt_fits(llm, vision, cfg.prompt, cfg.max_new_tokens, cfg.clip)
+    text_stage = RuntimeTextStage(cfg.text_stage, vision, llm) if cfg.text_stage is not None else None
+    check_prompt_fits(llm, vision, cfg.prompt, cfg.max_new_tokens, cfg.clip, text_stage)
     log.info("loaded %s: vision %s (%d tokens), LLM %s", cfg.model, vision.name, vision.num_tokens, cfg.quant)
-    return Session(cfg, loaded, vision, llm, device, time.perf_counter() - t0, released)
+    if text_stage is not None:
+        log.info("text-conditioned stage 2: %d of %d cached tokens per question", text_stage.k, vision.num_tokens)
+    return Session(cfg, loaded, vision, llm, device, time.perf_counter() - t0, released, text_stage)
 
 
 def graph_replaces_torch_vision(cfg: RunConfig) -> bool:
@@ -105,12 +110,34 @@ def release_torch_vision(vlm: Any) -> int:
 
 
 def check_prompt_fits(
-    llm: LLMBackend, vision: VisionBackend, question: str, max_new_tokens: int, clip: int = 1
+    llm: LLMBackend,
+    vision: VisionBackend,
+    question: str,
+    max_new_tokens: int,
+    clip: int = 1,
+    text_stage: RuntimeTextStage | None = None,
 ) -> None:
     """Refuse, before the loop starts, a question whose prompt cannot fit the LLM's context with the image."""
     from vzedge.api import check_context
 
-    check_context(llm.vlm, llm.prompt_length(question) + vision.num_tokens * clip, max_new_tokens)
+    per_frame = text_stage.k if text_stage is not None else vision.num_tokens
+    check_context(llm.vlm, llm.prompt_length(question) + per_frame * clip, max_new_tokens)
+
+
+def selection_record(session: Session) -> dict[str, Any]:
+    """How the image tokens the LLM saw were chosen: text-agnostic (stage 1 only) or text-conditioned."""
+    cfg, stage = session.cfg, session.text_stage
+    record: dict[str, Any] = {
+        "text_conditioned": stage is not None,
+        "stage1": {
+            "vision_backend": session.vision.name,
+            "selector": cfg.visionzip.selector if cfg.visionzip is not None else "all tokens",
+            "tokens": session.vision.num_tokens,
+        },
+    }
+    if stage is not None:
+        record["stage2"] = stage.describe()
+    return record
 
 
 def vision_dtype(vision: VisionBackend) -> str:
@@ -132,7 +159,8 @@ def _report(session: Session, pipe: Pipeline, sampler: MemorySampler, title: str
         "device": session.device,
         "vision_backend": session.vision.name,
         "vision_dtype": vision_dtype(session.vision),
-        "image_tokens": session.vision.num_tokens,
+        "image_tokens": session.text_stage.k if session.text_stage is not None else session.vision.num_tokens,
+        "selection": selection_record(session),
         "quant": _quant_label(session.loaded.vlm, cfg.quant),
         "load_s": round(session.load_s, 3),
         "torch_vision_released_mib": round(session.released_vision_bytes / 2**20, 1),
@@ -168,6 +196,7 @@ def run(
         clip=cfg.clip,
         metrics=metrics,
         on_frame=on_frame,
+        text_stage=session.text_stage,
     )
     try:
         if cfg.pipelined:
@@ -184,7 +213,8 @@ def run(
 
 @torch.inference_mode()
 def chat(cfg: RunConfig, questions: list[str], session: Session | None = None) -> dict[str, Any]:
-    """Several questions about one image: the image's tokens and KV prefix are computed once."""
+    """Several questions about one image: the image's tokens and KV prefix are computed once. With the text
+    stage, the image's (stage-1) tokens are computed once and each question selects its own K and prefills them."""
     from PIL import Image
 
     from vzedge.images import load_image
@@ -194,35 +224,54 @@ def chat(cfg: RunConfig, questions: list[str], session: Session | None = None) -
     image: Image.Image = load_image(cfg.source, cfg.image_limits)  # before the model loads
     session = session or load_session(cfg)
     for q in questions:
-        check_prompt_fits(session.llm, session.vision, q, cfg.max_new_tokens)
+        check_prompt_fits(session.llm, session.vision, q, cfg.max_new_tokens, 1, session.text_stage)
     t0 = time.perf_counter()
     prepared = session.vision.prepare([image])
     t1 = time.perf_counter()
     tokens = session.vision.encode_prepared(prepared)
     t2 = time.perf_counter()
-    prefix = session.llm.prefill_image(tokens[:1])  # eager: the report gives the prefix its own time
+    stage = session.text_stage
+    # eager: the report gives the prefix its own time
+    prefix = session.llm.prefill_image(tokens[:1]) if stage is None else None
     turns = []
     for i, q in enumerate(questions):
-        ans = session.llm.answer(prefix, q, cfg.max_new_tokens)
+        extra: dict[str, Any] = {}
+        if stage is None:
+            assert prefix is not None
+            image_ms = prefix.prefill_ms if i == 0 else 0.0
+            ans = session.llm.answer(prefix, q, cfg.max_new_tokens)
+        else:  # stage 2 per question on the cached tokens, then its own prefix
+            selected, select_ms = stage.select(tokens[:1], q)
+            own = session.llm.prefill_image(selected)
+            image_ms = select_ms + own.prefill_ms
+            ans = session.llm.answer(own, q, cfg.max_new_tokens)
+            extra = {
+                "text_stage_ms": round(select_ms, 3),
+                "image_prefill_ms": round(own.prefill_ms, 3),
+                "prefix_tokens": own.length,
+            }
         turns.append(
             {
                 "question": q,
                 "answer": ans.text,
-                "ttft_ms": round(ans.ttft_ms + (prefix.prefill_ms if i == 0 else 0.0), 3),
+                "ttft_ms": round(ans.ttft_ms + image_ms, 3),
                 "question_prefill_ms": round(ans.prefill_ms, 3),
                 "decode_ms_per_token": round(ans.decode_ms_per_token, 3),
                 "new_tokens": len(ans.token_ids),
+                **extra,
             }
         )
     return {
         "image": cfg.source,
         "vision_backend": session.vision.name,
         "vision_dtype": vision_dtype(session.vision),
-        "image_tokens": session.vision.num_tokens,
+        "image_tokens": stage.k if stage is not None else session.vision.num_tokens,
+        "selection": selection_record(session),
         "preprocess_ms": round((t1 - t0) * 1e3, 3),
         "vision_ms": round((t2 - t1) * 1e3, 3),
-        "image_prefill_ms": round(prefix.prefill_ms, 3),
-        "prefix_tokens": prefix.length,
+        # With the text stage every question has its own prefix (in its turn); this is the first one's.
+        "image_prefill_ms": round(prefix.prefill_ms if prefix is not None else turns[0]["image_prefill_ms"], 3),
+        "prefix_tokens": prefix.length if prefix is not None else turns[0]["prefix_tokens"],
         "turns": turns,
     }
 

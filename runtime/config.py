@@ -46,6 +46,9 @@ class RunConfig:
     image_limits: ImageLimits = field(default_factory=ImageLimits)  # checked from each file's header
     # Per-frame token budget (vzedge.select.adaptive): each frame at the bucket its attention mass asks for.
     adaptive: AdaptiveBudget | None = None
+    # Text-conditioned stage 2 (vzedge.select.textcond): keep this many of the vision stage's cached tokens per
+    # frame, chosen per question by conditional DPP. None: the text-agnostic path.
+    text_stage: int | None = None
 
     def __post_init__(self) -> None:
         self.quant = _QUANT_ALIASES.get(self.quant, self.quant)
@@ -69,6 +72,11 @@ class RunConfig:
                     "--adaptive picks each frame's token count in the PyTorch encoder: drop --vision/--all-tokens "
                     "(an export holds one graph per token count)"
                 )
+        if self.text_stage is not None:
+            if isinstance(self.text_stage, bool) or not isinstance(self.text_stage, int) or self.text_stage < 1:
+                raise ValueError(f"text_stage={self.text_stage!r}: pass a positive token count, e.g. --text-stage 64")
+            if self.adaptive is not None:
+                raise ValueError("--text-stage keeps a fixed count per frame: drop --adaptive or --text-stage")
         if self.clip < 1:
             raise ValueError(f"clip must be >= 1 frame per question, got {self.clip}")
         if self.max_new_tokens < 1:
@@ -101,4 +109,5 @@ class RunConfig:
         d["image_limits"] = {"max_pixels": self.image_limits.max_pixels, "max_aspect": self.image_limits.max_aspect}
         d["selector"] = self.visionzip.selector if self.visionzip is not None else None
         d["adaptive"] = self.adaptive.to_dict() if self.adaptive is not None else None
+        d["text_conditioned"] = self.text_stage is not None
         return d

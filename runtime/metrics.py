@@ -14,7 +14,7 @@ from typing import Any
 
 from vzedge.bench import percentiles
 
-STAGES = ("capture", "preprocess", "vision", "prefill", "ttft", "decode_per_token", "end_to_end")
+STAGES = ("capture", "preprocess", "vision", "text_stage", "prefill", "ttft", "decode_per_token", "end_to_end")
 
 
 @dataclass

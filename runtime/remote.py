@@ -188,6 +188,8 @@ def run_remote(cfg: Any, client: RemoteLLM) -> dict[str, Any]:
     from vzedge.runtime.metrics import MemorySampler, RunMetrics
     from vzedge.runtime.sources import open_source
 
+    if getattr(cfg, "text_stage", None) is not None:
+        raise ValueError("--text-stage runs next to the LLM and the server has no text stage: drop --remote or it")
     t_load = time.perf_counter()
     vision = open_edge_vision(cfg)
     load_s = time.perf_counter() - t_load

@@ -15,10 +15,14 @@ def _mib(b: float) -> str:
 def markdown(report: dict[str, Any]) -> str:
     s = report["summary"]
     f = s["frames"]
+    sel = report.get("selection") or {}
+    tokens = f"{report.get('image_tokens')} image tokens"
+    if sel.get("text_conditioned"):
+        tokens += f" (text-conditioned: chosen per question from {sel['stage1']['tokens']} cached)"
     lines = [
         f"**{report.get('title', 'vzedge run')}** — vision `{report.get('vision_backend')}` "
         f"({report.get('vision_dtype', 'torch')}), "
-        f"{report.get('image_tokens')} image tokens, LLM `{report.get('quant')}` on {report.get('device')}",
+        f"{tokens}, LLM `{report.get('quant')}` on {report.get('device')}",
         "",
         "| stage | p50 ms | p90 ms | p99 ms | n |",
         "|---|---:|---:|---:|---:|",

@@ -25,6 +25,7 @@ from vzedge.runtime.backends.llm import LLMBackend, Prefix
 from vzedge.runtime.backends.vision import TokenCache, VisionBackend
 from vzedge.runtime.metrics import FrameRecord, RunMetrics
 from vzedge.runtime.sources import Frame, Source
+from vzedge.runtime.textstage import RuntimeTextStage
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ class Pipeline:
         clip: int = 1,
         metrics: RunMetrics | None = None,
         on_frame: Callable[[FrameRecord], None] | None = None,
+        text_stage: RuntimeTextStage | None = None,
     ) -> None:
         if policy not in ("latest", "all"):
             raise ValueError(f"policy {policy!r} is not 'latest' (drop stale frames) or 'all' (process every frame)")
@@ -89,6 +91,7 @@ class Pipeline:
         self.cache = TokenCache(token_cache)
         self.metrics = metrics or RunMetrics()
         self.on_frame = on_frame
+        self.text_stage = text_stage
         self.stop = threading.Event()
         self.interrupted = False
         self.first_error: BaseException | None = None
@@ -121,14 +124,21 @@ class Pipeline:
         m, idx = self.metrics, item.frame.index
         assert item.tokens is not None and item.key is not None
         if self._last_prefix is not None and self._last_prefix[0] == item.key:
+            # The loop asks one question, so with the text stage the same image still selects the same tokens.
             prefix, prefill_ms = self._last_prefix[1], 0.0
         else:
             self._last_prefix = None  # free the previous frame's KV before building this one
-            prefix = self.llm.prefill_image(item.tokens[:1], defer=True)  # runs with the first question
+            tokens = item.tokens[:1]
+            if self.text_stage is not None:
+                tokens, ms = self.text_stage.select(tokens, self.prompt, len(item.frames))
+                m.stage(idx, "text_stage", ms)
+            prefix = self.llm.prefill_image(tokens, defer=True)  # runs with the first question
             prefill_ms = prefix.prefill_ms
             self._last_prefix = (item.key, prefix)
         ans = self.llm.answer(prefix, self.prompt, self.max_new_tokens)
         rec = m.frame(idx)
+        if self.text_stage is not None:  # the question saw stage 2's tokens, not stage 1's
+            rec.image_tokens = self.text_stage.k * len(item.frames)
         m.stage(idx, "prefill", prefill_ms + ans.prefill_ms)
         m.stage(idx, "ttft", prefill_ms + ans.ttft_ms)
         m.stage(idx, "decode_per_token", ans.decode_ms_per_token)

@@ -38,6 +38,14 @@ def add_runtime_args(p: argparse.ArgumentParser, source_default: str) -> None:
         "--adaptive-mass of its attention (PyTorch encoder; overrides --dominant/--contextual)",
     )
     p.add_argument("--adaptive-mass", type=float, default=0.5, help="share of the attention mass to keep")
+    p.add_argument(
+        "--text-stage",
+        type=int,
+        default=None,
+        metavar="K",
+        help="text-conditioned stage 2 (CDPruner-style conditional DPP): keep K of the vision stage's cached tokens "
+        "per question; with --all-tokens the cache holds all projected patches (CDPruner's setting)",
+    )
     p.add_argument("--prompt", default="What is in the image?")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
@@ -69,6 +77,7 @@ def run_config(args: argparse.Namespace, **extra):
         device=args.device,
         image_limits=image_limits(args),
         adaptive=_adaptive(args),
+        text_stage=args.text_stage,
         **extra,
     )
 
@@ -155,6 +164,8 @@ def _run_remote(args: argparse.Namespace, cfg) -> int:
 
     if args.quant != "none" or cfg.visionzip is None:
         raise ValueError("--remote runs the LLM on the server: drop --quant and --all-tokens")
+    if cfg.text_stage is not None:
+        raise ValueError("--text-stage runs next to the LLM and the server has no text stage: drop --remote or it")
     client = RemoteLLM(args.remote, args.remote_model or args.model, args.api_key, wire_dtype=args.wire_dtype)
     report = run_remote(cfg, client)
     write_reports(args, report)
@@ -186,10 +197,17 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         result = chat(cfg, questions, session)
     for turn in result["turns"]:
         print(f"Q: {turn['question']}\nA: {turn['answer']}   (TTFT {turn['ttft_ms']:.1f} ms)")
-    print(
-        f"image: {result['image_tokens']} tokens, vision {result['vision_ms']:.1f} ms, "
-        f"prefix prefill {result['image_prefill_ms']:.1f} ms once for {len(result['turns'])} questions"
-    )
+    sel = result["selection"]
+    if sel["text_conditioned"]:
+        print(
+            f"image: encoded once ({sel['stage1']['tokens']} cached tokens, vision {result['vision_ms']:.1f} ms); "
+            f"text-conditioned stage 2 per question: {result['image_tokens']} tokens selected, then prefilled"
+        )
+    else:
+        print(
+            f"image: {result['image_tokens']} tokens, vision {result['vision_ms']:.1f} ms, "
+            f"prefix prefill {result['image_prefill_ms']:.1f} ms once for {len(result['turns'])} questions"
+        )
     if args.json_out:
         from vzedge.io import write_json
 

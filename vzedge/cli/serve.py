@@ -10,7 +10,7 @@ import sys
 from vzedge.cli._common import add_visionzip_args, visionzip_config
 
 # Flags of the built-in engine that vLLM has no equivalent for (vLLM runs its own vision tower and LLM).
-_VZEDGE_ONLY = {"vision": None, "quant": "none", "image_root": None, "threads": None}
+_VZEDGE_ONLY = {"vision": None, "quant": "none", "image_root": None, "threads": None, "text_stage": None}
 # Flags of --engine vllm that the built-in engine has no use for.
 _VLLM_ONLY = {"vllm_mode": None, "vllm_args": "", "vllm_python": None, "context": None, "print_command": False}
 
@@ -47,6 +47,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         default_max_tokens=args.max_tokens,
         timeout_s=args.timeout,
         threads=args.threads,
+        text_stage=args.text_stage,
     )
     print(f"vzedge serve: {cfg.name} on http://{cfg.host}:{cfg.port}/v1 (GET /health answers 200 once loaded)")
     return serve(cfg)
@@ -126,6 +127,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=256, help="max_tokens when a request gives none")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds a request may take, queue included")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--text-stage",
+        type=int,
+        default=None,
+        metavar="K",
+        help="text-conditioned stage 2: keep K of each image's cached tokens per question (conditional DPP); "
+        "with --all-tokens the cache holds all projected patches",
+    )
     g = p.add_argument_group("--engine vllm")
     g.add_argument(
         "--vllm-mode",

@@ -11,7 +11,11 @@ from vzedge.models.projector import CONFIG_FILE, PROJECTOR_FILE
 from vzedge.synth import VARIANTS
 from vzedge.visionzip import SELECTORS, VisionZipConfig
 
-METHODS = SELECTORS  # every token selector of vzedge.select, each a row per budget
+# The second stage (vzedge.select.textcond): K of the cached projected patch tokens per question by conditional
+# DPP. `cdpruner` is text-conditioned; `dpp` is its ablation with relevance 1 (the question unused).
+STAGE2_METHODS = ("cdpruner", "dpp")
+TEXT_METHODS = ("cdpruner",)
+METHODS = (*SELECTORS, *STAGE2_METHODS)  # every token selector of vzedge.select, each a row per budget
 DEFAULT_METHODS = ("visionzip", "random", "pool")  # the rows eval gave before the other selectors existed
 ADAPTIVE_SUFFIX = "+adaptive"
 # Built-in synthetic test splits by --data name: the standard scenes and the small-regions variant.

@@ -20,13 +20,21 @@ class Item:
     prompt: str  # holds one "<image>"
     answer: str
     image: Any = field(repr=False)  # PIL image
+    question: str = ""  # the question alone (no template, no "<image>"): what a text-conditioned stage reads
 
 
 def synth_items(n: int, seed: int, image_size: int, variant: str = "standard") -> list[Item]:
     """The held-out synthetic test split (or its `variant`), kinds balanced, rendered at the model's image size."""
 
     return [
-        Item(s.id, s.kind, PROMPT_TEMPLATE.format(question=s.question), s.answer, synth.render(s.scene, image_size))
+        Item(
+            s.id,
+            s.kind,
+            PROMPT_TEMPLATE.format(question=s.question),
+            s.answer,
+            synth.render(s.scene, image_size),
+            s.question,
+        )
         for s in synth.samples("test", n, seed=seed, variant=variant)
     ]
 
@@ -75,7 +83,8 @@ def llava_items(path: str, images: str, n: int = 0) -> list[Item]:
         if not os.path.isfile(image_path):
             raise ValueError(f"{where}: image {image_path!r} does not exist (check --images)")
         kind = str(rec.get("kind", rec.get("category", "all")))
-        items.append(Item(str(rec.get("id", i)), kind, f"USER: {question} ASSISTANT:", answer, load_image(image_path)))
+        prompt, text = f"USER: {question} ASSISTANT:", question.replace("<image>", "").strip()
+        items.append(Item(str(rec.get("id", i)), kind, prompt, answer, load_image(image_path), text))
     return items
 
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from vzedge.eval.config import LLAVA15_PATCHES, METHODS, TUNED_METHOD
+from vzedge.eval.config import LLAVA15_PATCHES, METHODS, STAGE2_METHODS, TUNED_METHOD
 from vzedge.models import adapt_vision_tower
 from vzedge.models.llava import apply_visionzip, llava_parts, remove_visionzip
 from vzedge.select import pool_tokens, random_positions
@@ -71,6 +71,8 @@ def reduced_tokens(
         raise ValueError(f"method {method!r} with projector={projector!r}: {TUNED_METHOD!r} needs a tuned folder")
     if method not in (*METHODS, TUNED_METHOD):
         raise ValueError(f"method {method!r} is not one of {(*METHODS, TUNED_METHOD)}")
+    if method in STAGE2_METHODS:
+        raise ValueError(f"{method!r} is a second stage on cached tokens: eval answers it with answer_text_conditioned")
     selector = "visionzip" if method == TUNED_METHOD else method
     vz = visionzip or VisionZipConfig(*visionzip_split(k), layer=layer, selector=selector, seed=seed)
     assert vz.num_tokens == k, (vz, k)

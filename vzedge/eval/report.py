@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 from vzedge._deps import require
-from vzedge.eval.config import ADAPTIVE_SUFFIX, METHODS, TUNED_METHOD, UNTUNED, TunedRow
+from vzedge.eval.config import ADAPTIVE_SUFFIX, METHODS, TEXT_METHODS, TUNED_METHOD, UNTUNED, TunedRow
 from vzedge.io import atomic_path
 
 
@@ -27,6 +27,8 @@ def markdown_table(result: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         method = r["method"] + (f" {r['dominant']}+{r['contextual']}" if r["dominant"] is not None else "")
+        if r.get("text_conditioned"):
+            method += " (text-conditioned)"
         if r.get("projector_weights"):
             method += f" ({os.path.basename(os.path.normpath(r['projector_weights']['path']))})"
         ci = f"{100 * r['ci_low']:.1f}-{100 * r['ci_high']:.1f}" if "ci_low" in r else "-"
@@ -74,7 +76,7 @@ def plot(result: dict[str, Any], path: str) -> None:
     rows = result["rows"]
     full = rows[0]
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
-    styles = dict(zip(METHODS, ("o-", "v-", "P-", "s--", "^:"), strict=True))
+    styles = dict(zip(METHODS, ("o-", "v-", "P-", "s--", "^:", "X-", "x--"), strict=True))
     styles[TUNED_METHOD] = "D-."
     colours = {}
     for method, style in styles.items():
@@ -85,7 +87,8 @@ def plot(result: dict[str, Any], path: str) -> None:
         )
         if pts:
             xs, ys = [p[0] for p in pts], [100 * p[1] for p in pts]
-            (line,) = ax.plot(xs, ys, style, label=method)
+            label = method + (" (text-conditioned)" if method in TEXT_METHODS else "")
+            (line,) = ax.plot(xs, ys, style, label=label)
             colours[method] = line.get_color()
             if all(p[2] is not None for p in pts):
                 ax.fill_between(

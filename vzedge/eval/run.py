@@ -9,7 +9,10 @@ normalisation) on K visual tokens per image, chosen by a selector of `vzedge.sel
 - `vispruner`: the 54:10 split as important (attention) : diverse (de-duplicated) patches;
 - `random`: CLS plus K-1 patches drawn uniformly (seeded), in sequence order;
 - `pool`: K averages of near-square patch regions (rows split into bands, each band pooled along the
-  columns to its share of K), CLS not used.
+  columns to its share of K), CLS not used;
+- `cdpruner` (text-conditioned, `vzedge.select.textcond`): the model's projected features of all patches
+  (the image-only stage 1 a runtime caches), then K of them per question by conditional DPP, relevance =
+  cosine to the LLM's input embeddings of the question tokens; answered through `inputs_embeds`.
 
 Every row has its 95% Wilson interval (`ci_low`, `ci_high`) over its questions. With `adaptive` buckets,
 each method also gets a `METHOD+adaptive` row (every image at the bucket its attention mass asks for; the
@@ -37,13 +40,23 @@ from torch import nn
 from vzedge import synth
 from vzedge.bench import conditions
 from vzedge.encoder import VisionZipEncoder
-from vzedge.eval.config import ADAPTIVE_SUFFIX, LLAVA15_PATCHES, TUNED_METHOD, EvalConfig, TunedRow
+from vzedge.eval.config import (
+    ADAPTIVE_SUFFIX,
+    LLAVA15_PATCHES,
+    STAGE2_METHODS,
+    TEXT_METHODS,
+    TUNED_METHOD,
+    EvalConfig,
+    TunedRow,
+)
 from vzedge.eval.data import Item, baselines, correct, llava_items, mcnemar_exact, score, synth_items, wilson_interval
 from vzedge.eval.reduce import adapt_tower, reduced_tokens, scaled_budget, stock_image_tokens, visionzip_split
 from vzedge.eval.report import tuning_summary
 from vzedge.models.loading import load_model
 from vzedge.models.projector import read_tune_config, read_tuned_projector
+from vzedge.models.textstage import generate_text_conditioned, image_cache_tokens, select_for_questions
 from vzedge.select import AdaptiveBudget
+from vzedge.select.textcond import TextStage
 from vzedge.visionzip import VisionZipConfig
 
 log = logging.getLogger(__name__)
@@ -81,6 +94,41 @@ def answer(
     finally:
         tok.padding_side = side
     return out
+
+
+@torch.no_grad()
+def answer_text_conditioned(
+    vlm: nn.Module,
+    processor: Any,
+    items: list[Item],
+    k: int,
+    batch_size: int,
+    max_new_tokens: int,
+    conditioned: bool = True,
+) -> list[str]:
+    """Greedy answers on k tokens per question chosen by the text-conditioned stage from all projected patch
+    tokens (stage 1), conditioned on each item's question (conditioned=False: the `dpp` ablation, relevance 1)."""
+    stage = TextStage(k, conditioned=conditioned)
+    image_token = getattr(processor, "image_token", "<image>")
+    out: list[str] = []
+    for start in range(0, len(items), batch_size):
+        batch = items[start : start + batch_size]
+        pixels = processor.image_processor(images=[it.image for it in batch], return_tensors="pt")["pixel_values"]
+        cached = image_cache_tokens(vlm, pixels)
+        questions = [it.question or it.prompt.replace("<image>", "") for it in batch]
+        tokens, _ = select_for_questions(vlm, processor.tokenizer, cached, questions, stage)
+        prompts = [it.prompt.replace("<image>", image_token) for it in batch]
+        out += generate_text_conditioned(vlm, processor.tokenizer, prompts, tokens, max_new_tokens, image_token)
+    return out
+
+
+def answer_with(vlm: nn.Module, processor: Any, items: list[Item], method: str, k: int, cfg: EvalConfig) -> list[str]:
+    """Answers with k tokens per image chosen by `method` (a selector or a text-conditioned stage)."""
+    if method in STAGE2_METHODS:
+        conditioned = method in TEXT_METHODS
+        return answer_text_conditioned(vlm, processor, items, k, cfg.batch_size, cfg.max_new_tokens, conditioned)
+    with reduced_tokens(vlm, method, k, cfg.seed):
+        return answer(vlm, processor, items, k, cfg.batch_size, cfg.max_new_tokens)
 
 
 def evaluate_full_tokens(vlm: nn.Module, processor: Any, samples: list[Any], batch_size: int = 32) -> dict[str, float]:
@@ -241,6 +289,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                 "ci_high": round(hi, 4),
                 "ci_per_kind": per_kind,
                 "projector_weights": weights,
+                "text_conditioned": method.split("+")[0] in TEXT_METHODS,
                 "seconds": round(time.perf_counter() - t, 2),
                 **(extra or {}),
             }
@@ -271,8 +320,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             continue  # the full row already covers it
         for method in cfg.methods:
             split = visionzip_split(k) if method in ("visionzip", "vispruner") else None
-            with reduced_tokens(vlm, method, k, cfg.seed):
-                run(method, budget, k, split)
+            t = time.perf_counter()
+            record(method, budget, k, split, answer_with(vlm, processor, items, method, k, cfg), t)
         for tuned in (t for t in plan if t.budget == budget):
             with reduced_tokens(vlm, TUNED_METHOD, k, cfg.seed, visionzip=tuned.visionzip, projector=tuned.folder):
                 run(TUNED_METHOD, budget, k, (tuned.visionzip.dominant, tuned.visionzip.contextual), tuned.record)
@@ -280,6 +329,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     if cfg.adaptive:
         adaptive = run_adaptive(cfg, vlm, processor, items, num_patches, rows, record)
     paired_with_random(rows, hits)
+    paired_second_stage(rows, hits)
     full = rows[0]["accuracy"]["overall"]
     for r in rows:
         r["relative_to_full"] = round(r["accuracy"]["overall"] / full, 4) if full > 0 else None
@@ -305,6 +355,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         "adaptive rows: random+adaptive); a_only / b_only = questions only this row / only random got right, "
         "p_value = exact two-sided McNemar test",
         "attention": diag,
+        "text_conditioned": _text_stage_record(cfg),
         "rows": rows,
         "seconds": round(time.perf_counter() - t0, 1),
         "conditions": conditions(
@@ -314,6 +365,19 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             seed=cfg.seed,
             feature_layer=int(getattr(vlm.config, "vision_feature_layer", -2)),
         ),
+    }
+
+
+def _text_stage_record(cfg: EvalConfig) -> dict[str, Any] | None:
+    """What the text-conditioned rows did (None when none ran): they saw the question, the others did not."""
+    if not any(m in STAGE2_METHODS for m in cfg.methods):
+        return None
+    info = {k: v for k, v in TextStage(1).describe().items() if k != "tokens"}
+    return {
+        **info,
+        "methods": {m: m in TEXT_METHODS for m in STAGE2_METHODS if m in cfg.methods},
+        "stage1": "the model's projected features of all patch tokens (image only, cacheable)",
+        "ablation": "dpp: the same stage with relevance 1 (the question unused)",
     }
 
 
@@ -358,9 +422,7 @@ def run_adaptive(
         for i, idx in groups.items():
             if not idx:
                 continue
-            sub = [items[j] for j in idx]
-            with reduced_tokens(vlm, method, counts[i], cfg.seed):
-                got = answer(vlm, processor, sub, counts[i], cfg.batch_size, cfg.max_new_tokens)
+            got = answer_with(vlm, processor, [items[j] for j in idx], method, counts[i], cfg)
             for j, p in zip(idx, got, strict=True):
                 preds[j] = p
         extra = {"bucket_images": {str(counts[i]): len(idx) for i, idx in groups.items()}}
@@ -370,8 +432,7 @@ def run_adaptive(
         if any(r["method"] == method and r["tokens"] == fixed for r in rows):
             continue
         t = time.perf_counter()
-        with reduced_tokens(vlm, method, fixed, cfg.seed):
-            preds = answer(vlm, processor, items, fixed, cfg.batch_size, cfg.max_new_tokens)
+        preds = answer_with(vlm, processor, items, method, fixed, cfg)
         split = visionzip_split(fixed) if method in ("visionzip", "vispruner") else None
         record(method, None, fixed, split, preds, t, None, {"matches_adaptive_mean": True})
     return {
@@ -382,6 +443,20 @@ def run_adaptive(
         "needed_mean": round(sum(needed) / len(needed), 3),
         "bucket_images": {str(counts[i]): len(idx) for i, idx in groups.items()},
     }
+
+
+def paired_second_stage(rows: list[dict[str, Any]], hits: list[list[bool]]) -> None:
+    """Add `vs_same_tokens` to each fixed-budget second-stage row (cdpruner, dpp): the paired McNemar test against
+    every other fixed-budget row at the same token count, so the question's effect is tested on the same items."""
+    fixed = [(r, ok) for r, ok in zip(rows, hits, strict=True) if not r["method"].endswith(ADAPTIVE_SUFFIX)]
+    for r, ok in fixed:
+        if r["method"] not in STAGE2_METHODS:
+            continue
+        r["vs_same_tokens"] = {
+            o["method"]: mcnemar_exact(ok, o_ok)
+            for o, o_ok in fixed
+            if o is not r and o["tokens"] == r["tokens"] and o["method"] != TUNED_METHOD
+        }
 
 
 def paired_with_random(rows: list[dict[str, Any]], hits: list[list[bool]]) -> None:

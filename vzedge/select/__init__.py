@@ -7,6 +7,8 @@ vispruner.py  `vispruner`: attention-important tokens + similarity de-duplicated
 random.py     `random`: CLS + uniformly drawn patches (seeded baseline, not exportable)
 pool.py       `pool`: region averages (baseline)
 adaptive.py   a per-image token budget from the image itself, rounded to static buckets
+textcond.py   `TextStage` (`cdpruner`): the *text-conditioned* second stage, conditional DPP on cached tokens given
+              the question (not a `Selector`: it needs the question; `vzedge.models.textstage` runs it on a LLaVA)
 
 `VisionZipEncoder` (what the exporter traces) and `vzedge eval` both call these, so there is one
 implementation of each rule.
@@ -19,6 +21,7 @@ from vzedge.select.base import SelectionInputs, Selector
 from vzedge.select.divprune import DivPruneSelector, divprune_indices
 from vzedge.select.pool import PoolSelector, pool_tokens
 from vzedge.select.random import RandomSelector, random_positions
+from vzedge.select.textcond import TextStage, conditional_dpp_indices, text_relevance
 from vzedge.select.visionzip import VisionZipSelector
 from vzedge.select.vispruner import VisPrunerSelector, vispruner_indices
 from vzedge.visionzip import SELECTORS
@@ -45,13 +48,16 @@ __all__ = [
     "RandomSelector",
     "SelectionInputs",
     "Selector",
+    "TextStage",
     "VisPrunerSelector",
     "VisionZipSelector",
     "choose_buckets",
+    "conditional_dpp_indices",
     "divprune_indices",
     "get_selector",
     "pool_tokens",
     "random_positions",
+    "text_relevance",
     "tokens_for_mass",
     "vispruner_indices",
 ]

@@ -123,6 +123,7 @@ def create_app(config: ServeConfig, engine: Engine | None = None) -> Any:
             card["max_model_len"] = engine.context
             card["image_tokens"] = engine.image_tokens
             card["image_tokens_stock"] = engine.stock_tokens
+            card["text_conditioned"] = engine.text_stage is not None
         return {"object": "list", "data": [card]}
 
     async def read_body(request: Request) -> Any:
@@ -158,7 +159,7 @@ def create_app(config: ServeConfig, engine: Engine | None = None) -> Any:
 
         from vzedge.prompt import IMAGE_TOKEN, render
         from vzedge.serve.images import decode_image_url
-        from vzedge.serve.schema import parse_request, stops_of, to_messages
+        from vzedge.serve.schema import last_user_text, parse_request, stops_of, to_messages
 
         arrived = time.perf_counter()
         check_key(request)
@@ -214,6 +215,8 @@ def create_app(config: ServeConfig, engine: Engine | None = None) -> Any:
         job = Job(
             prefix_text=prefix_text,
             text=text,
+            # The text stage conditions on the current question; an image-only turn falls back to the prompt's rest.
+            question=last_user_text(messages) or text.strip(),
             image=image,
             max_tokens=max_tokens,
             emit=emit,

@@ -15,7 +15,8 @@ import torch
 @dataclass
 class CacheEntry:
     tokens: torch.Tensor  # [1, K, D_llm] image tokens
-    prefix: Any  # vzedge.runtime.backends.llm.Prefix: KV of [BOS + prefix text + image tokens]
+    prefix: Any  # vzedge.runtime.backends.llm.Prefix: KV of [BOS + prefix text + image tokens]; None for the
+    # text stage's stage-1 entries (the image's tokens only; each question then gets its own entry with a prefix)
     nbytes: int
 
 

@@ -46,6 +46,9 @@ class ServeConfig:
     timeout_s: float = 120.0
     threads: int | None = None  # torch intra-op threads (None: torch's default); 1 is faster on a loaded 2-core CPU
     warmup: bool = True
+    # Text-conditioned stage 2 (vzedge.select.textcond): keep this many of the image's cached tokens per question
+    # (the image's stage-1 tokens are cached; the KV prefix is then per image and question). None: off.
+    text_stage: int | None = None
 
     def __post_init__(self) -> None:
         self.run_config()  # the runtime's own checks of model/vision/quant/device/layout
@@ -87,6 +90,7 @@ class ServeConfig:
             projector=None,  # resolved against the loaded model's source by the engine ("auto")
             device=self.device,
             layout=self.layout,
+            text_stage=self.text_stage,
         )
 
     def to_dict(self) -> dict:

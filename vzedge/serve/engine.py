@@ -43,6 +43,7 @@ class Job:
     top_p: float = 1.0
     seed: int | None = None
     stops: list[str] = field(default_factory=list)
+    question: str = ""  # what the text-conditioned stage reads (the last user message's text)
     ignore_eos: bool = False
     timeout_s: float = 120.0
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex[:24]}")
@@ -90,6 +91,8 @@ class Engine:
         self.ready = threading.Event()
         self.load_error: BaseException | None = None
         self.session: Any = None
+        self.text_stage: Any = None  # vzedge.runtime.textstage.RuntimeTextStage once loaded, when configured
+        self.stage1_encoded = 0  # images the text stage's stage 1 encoded (each once while cached)
         self.stock_tokens = 0
         self.context = 0
         self._inbox: deque[Job] = deque()
@@ -159,6 +162,7 @@ class Engine:
                 load_tuned_projector(projector, session.loaded.vlm, cfg.visionzip)
         self.projector = projector if cfg.vision is None else None
         self.session = session
+        self.text_stage = session.text_stage
         # The HTTP side counts prompt tokens on its own copy of the tokenizer: a fast (Rust) tokenizer shared
         # between threads can fail with "RuntimeError: Already borrowed" (transformers #47085).
         self._counter = copy.copy(session.llm)
@@ -180,8 +184,10 @@ class Engine:
 
         llm = self.session.llm
         before, after = single_turn(self.session.loaded.processor, "What is in the image?").split(IMAGE_TOKEN)
-        tokens = self._encode([demo_image()])
-        prefix = llm.prefill_image(tokens[:1], before)
+        tokens = self._encode([demo_image()])[:1]
+        if self.text_stage is not None:
+            tokens, _ = self.text_stage.select(tokens, "What is in the image?")
+        prefix = llm.prefill_image(tokens, before)
         for _ in llm.stream(prefix, after, 2, ignore_eos=True):
             pass
 
@@ -189,6 +195,9 @@ class Engine:
 
     @property
     def image_tokens(self) -> int:
+        """Image tokens the LLM sees per request (the text stage's K when it is on)."""
+        if self.text_stage is not None:
+            return int(self.text_stage.k)
         return int(self.session.vision.num_tokens)
 
     def prompt_tokens(self, prefix_text: str, text: str) -> int:
@@ -280,7 +289,9 @@ class Engine:
             live.append(job)
         misses: dict[tuple, list[Job]] = {}
         for job in live:
-            key = (job.image.sha256, self._budget_key, self.cfg.model, self.projector, job.prefix_text)
+            # With the text stage the selected tokens, hence the KV prefix, depend on the question too.
+            question = job.question if self.text_stage is not None else None
+            key = (job.image.sha256, self._budget_key, self.cfg.model, self.projector, job.prefix_text, question)
             entry = self.cache.get(key) if self.cache.capacity_bytes else None
             if entry is not None:
                 job.entry, job.cache_hit = entry, True
@@ -319,15 +330,24 @@ class Engine:
         llm = self.session.llm
         keys = list(misses)
         t0 = time.perf_counter()
-        tokens = self._encode([misses[k][0].image.image for k in keys])
+        if self.text_stage is None:
+            tokens = self._encode([misses[k][0].image.image for k in keys])
+            per_key = [tokens[i : i + 1] for i in range(len(keys))]
+            if self.metrics is not None:
+                self.metrics.vision_batch.observe(len(keys))
+        else:
+            per_key = self._stage1([misses[k][0].image for k in keys])
         t_vision = time.perf_counter() - t0
-        if self.metrics is not None:
-            self.metrics.vision_batch.observe(len(keys))
         for i, key in enumerate(keys):
             t1 = time.perf_counter()
-            prefix = llm.prefill_image(tokens[i : i + 1], misses[key][0].prefix_text)
+            image_tokens = per_key[i]
+            if self.text_stage is not None:
+                image_tokens, select_ms = self.text_stage.select(image_tokens, misses[key][0].question)
+                self._observe("text_stage", select_ms / 1e3)
+                t1 = time.perf_counter()
+            prefix = llm.prefill_image(image_tokens, misses[key][0].prefix_text)
             t_prefill = time.perf_counter() - t1
-            entry = CacheEntry(tokens[i : i + 1], prefix, 0)
+            entry = CacheEntry(image_tokens, prefix, 0)
             entry.nbytes = entry_bytes(entry.tokens, prefix)
             if self.cache.capacity_bytes:
                 self.cache.put(key, entry)
@@ -335,6 +355,29 @@ class Engine:
                 job.entry = entry
                 self._observe("vision", t_vision)
                 self._observe("image_prefill", t_prefill)
+
+    def _stage1(self, images: list[DecodedImage]) -> list[torch.Tensor]:
+        """The text stage's input: each image's stage-1 tokens [1, N1, D_llm], from the cache (its own entry, no KV)
+        or one vision pass over the images not in it; an image is encoded once whatever is asked about it."""
+        keys = [(im.sha256, "stage1", self._budget_key, self.cfg.model, self.projector) for im in images]
+        found: dict[tuple, torch.Tensor] = {}
+        for key in dict.fromkeys(keys):
+            entry = self.cache.get(key) if self.cache.capacity_bytes else None
+            if entry is not None:
+                found[key] = entry.tokens
+        todo = [k for k in dict.fromkeys(keys) if k not in found]
+        if todo:
+            first = {k: im for k, im in zip(keys, images, strict=True)}
+            tokens = self._encode([first[k].image for k in todo])
+            if self.metrics is not None:
+                self.metrics.vision_batch.observe(len(todo))
+            for i, key in enumerate(todo):
+                found[key] = tokens[i : i + 1]
+                if self.cache.capacity_bytes:
+                    t = found[key]
+                    self.cache.put(key, CacheEntry(t, None, t.numel() * t.element_size()))
+        self.stage1_encoded += len(todo)
+        return [found[k] for k in keys]
 
     def _step(self, job: Job) -> None:
         if job.cancelled.is_set():

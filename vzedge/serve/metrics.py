@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-STAGES = ("decode_image", "vision", "image_prefill", "text_prefill", "decode")
+STAGES = ("decode_image", "vision", "text_stage", "image_prefill", "text_prefill", "decode")
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 

@@ -82,6 +82,17 @@ def stops_of(req: ChatCompletionRequest) -> list[str]:
     return [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
 
 
+def last_user_text(messages: list[dict[str, Any]]) -> str:
+    """The text parts of the last user message (what a text-conditioned stage reads as the question)."""
+    for m in reversed(messages):
+        if m.get("role") == "user":
+            content = m.get("content")
+            if isinstance(content, str):
+                return content.strip()
+            return " ".join(p["text"] for p in content or [] if p.get("type") == "text").strip()
+    return ""
+
+
 def to_messages(req: ChatCompletionRequest) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
     """The prompt builder's messages (`{"type": "image"}` parts) and the image URLs in order with their `param`."""
     messages: list[dict[str, Any]] = []
@@ -122,4 +133,4 @@ def to_messages(req: ChatCompletionRequest) -> tuple[list[dict[str, Any]], list[
     return messages, images
 
 
-__all__ = ["ChatCompletionRequest", "Message", "parse_request", "stops_of", "to_messages"]
+__all__ = ["ChatCompletionRequest", "Message", "last_user_text", "parse_request", "stops_of", "to_messages"]

@@ -59,6 +59,8 @@ def load_session(cfg: RunConfig) -> Session:
     vision = open_vision_backend(
         cfg.vision, loaded, cfg.visionzip, cfg.vision_backend, device, cfg.layout, cfg.adaptive
     )
+    if cfg.adaptive is None and vision.adaptive is not None:
+        cfg.adaptive = vision.adaptive  # an adaptive export's own budget: the report's config says what ran
     from vzedge.prompt import question_template
 
     template = cfg.template if cfg.template is not None else question_template(loaded.processor)

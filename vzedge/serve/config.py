@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from vzedge.select.adaptive import AdaptiveBudget
 from vzedge.visionzip import VisionZipConfig
 
 
@@ -46,6 +47,9 @@ class ServeConfig:
     timeout_s: float = 120.0
     threads: int | None = None  # torch intra-op threads (None: torch's default); 1 is faster on a loaded 2-core CPU
     warmup: bool = True
+    # Each request's image at its own bucket (vzedge.select.adaptive); with `vision`, an adaptive export's budget
+    # (None: the manifest's; else it must match). Prompt-size checks allow for the largest bucket.
+    adaptive: AdaptiveBudget | None = None
 
     def __post_init__(self) -> None:
         self.run_config()  # the runtime's own checks of model/vision/quant/device/layout
@@ -87,10 +91,12 @@ class ServeConfig:
             projector=None,  # resolved against the loaded model's source by the engine ("auto")
             device=self.device,
             layout=self.layout,
+            adaptive=self.adaptive,
         )
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
         d["visionzip"] = self.visionzip.to_dict() if self.visionzip is not None else None
         d["api_key"] = "***" if self.api_key else None
+        d["adaptive"] = self.adaptive.to_dict() if self.adaptive is not None else None
         return d

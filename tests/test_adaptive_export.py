@@ -242,3 +242,55 @@ def test_tensorrt_backend_cpu_side_picks_each_images_bucket(export_dir):
     bad = {**m, "adaptive": {**block, "outputs": block["outputs"][::-1]}}
     with pytest.raises(ValueError, match="in order"):
         manifest_adaptive(bad, export_dir)
+
+
+def test_server_answers_each_request_at_its_images_bucket(export_dir, loaded, tmp_path):
+    """The real server (PyTorch --adaptive, then the adaptive export), spoken to with the openai client."""
+    import httpx
+
+    from tests.test_serve import KEY, Server, data_url, user  # skips without openai/fastapi/uvicorn
+    from vzedge.runtime.backends.vision import open_vision_backend
+
+    torch_backend = open_vision_backend(None, loaded, VisionZipConfig(), "torch", adaptive=BUDGET)
+    images = _images()
+    want = {name: len(torch_backend.encode_each(torch_backend.prepare([im]).pixels)[0]) for name, im in images.items()}
+    assert sorted(want.values()) == [14, 28, 57]
+    question = "What colour is the triangle?"
+    answers: dict[str, dict[str, str]] = {}
+    for label, args in (("torch", ["--adaptive", "14,28,57"]), ("export", ["--vision", str(export_dir)])):
+        server = Server(tmp_path, "--api-key", KEY, "--model", "tiny", *args)
+        try:
+            client = server.client()
+            card = client.models.list().data[0].model_dump()
+            assert card["image_tokens"] == 57  # prompt checks allow for the largest bucket
+            assert card["image_tokens_adaptive"] == {"buckets": [14, 28, 57], "mass": 0.5}
+            text_tokens = set()
+            answers[label] = {}
+            for name, im in images.items():
+                r = client.chat.completions.create(
+                    model="tiny", messages=[user(data_url(im), question)], max_tokens=4, temperature=0
+                )
+                u = r.model_dump()["usage"]
+                seen = u["images"][0]["visual_tokens"]
+                assert seen == want[name], (label, name, seen, want[name])
+                text_tokens.add(u["prompt_tokens"] - seen)  # the usage counts the image's own tokens
+                assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+                answers[label][name] = r.choices[0].message.content
+            assert len(text_tokens) == 1
+            again = client.chat.completions.create(
+                model="tiny", messages=[user(data_url(images["demo"]), question)], max_tokens=4, temperature=0
+            ).model_dump()["usage"]
+            assert again["images"][0]["cache_hit"] and again["images"][0]["visual_tokens"] == want["demo"]
+            metrics = httpx.get(f"{server.base}/metrics", timeout=10).text
+            per_bucket = {k: 0.0 for k in (14, 28, 57)}
+            for line in metrics.splitlines():
+                if line.startswith("vzedge_image_tokens_requests_total{"):
+                    per_bucket[int(line.split('"')[1])] = float(line.split()[-1])
+            expected = {k: float(list(want.values()).count(k)) for k in (14, 28, 57)}
+            expected[want["demo"]] += 1  # the cache hit is a request too
+            assert per_bucket == expected, metrics
+            assert f"vzedge_image_tokens_sum {float(sum(want.values()) + want['demo'])}" in metrics
+        finally:
+            server.stop()
+    # Same buckets, tokens equal within the gate's limits: the same greedy answers.
+    assert answers["torch"] == answers["export"]

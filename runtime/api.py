@@ -183,7 +183,8 @@ def chat(cfg: RunConfig, questions: list[str], session: Session | None = None) -
         "image": cfg.source,
         "vision_backend": session.vision.name,
         "vision_dtype": vision_dtype(session.vision),
-        "image_tokens": session.vision.num_tokens,
+        # With an adaptive budget, the tokens this image got (its bucket), not the most an image can get.
+        "image_tokens": int(tokens.shape[1]) if session.vision.adaptive is not None else session.vision.num_tokens,
         "preprocess_ms": round((t1 - t0) * 1e3, 3),
         "vision_ms": round((t2 - t1) * 1e3, 3),
         "image_prefill_ms": round(prefix.prefill_ms, 3),

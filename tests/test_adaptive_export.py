@@ -159,6 +159,10 @@ def test_runtime_on_the_export_matches_the_pytorch_adaptive_path(export_dir, loa
     assert exported["summary"]["image_tokens_mean"] == pytest.approx(sum(per_frame) / 4, abs=1e-3)
     assert exported["summary"]["image_tokens_mean"] == eager["summary"]["image_tokens_mean"]
     assert [f["answer"] for f in exported["frames"]] == [f["answer"] for f in eager["frames"]]
+    from vzedge.runtime.api import chat
+
+    turn = chat(RunConfig(vision=str(export_dir), source="demo", max_new_tokens=2), ["What colour is the triangle?"])
+    assert turn["image_tokens"] == 28 and turn["prefix_tokens"] > 28  # the demo image's bucket, not the largest
 
 
 def test_bad_combinations_are_refused(export_dir, loaded, tmp_path):
@@ -294,3 +298,17 @@ def test_server_answers_each_request_at_its_images_bucket(export_dir, loaded, tm
             server.stop()
     # Same buckets, tokens equal within the gate's limits: the same greedy answers.
     assert answers["torch"] == answers["export"]
+
+
+def test_int8_adaptive_export_passes_its_gate(tmp_path):
+    """--dtype int8 (ORT CPU) on the adaptive graph: the int8 gate per bucket, and the buckets agree."""
+    from vzedge.export import ExportConfig, export_vision
+
+    out = tmp_path / "int8"
+    m = export_vision(ExportConfig(model="tiny", out=out, projector=True, dtype="int8", max_batch=3, adaptive=BUDGET))
+    m = m.manifest
+    assert m["graph"]["dtype"] == "int8" and m["quantization"]["int8_modules"] > 0
+    assert m["parity"]["passed"] and len(m["parity"]["results"]) == 6
+    for r in m["parity"]["results"]:  # the int8 thresholds (vzedge.export.parity.INT8_THRESHOLDS)
+        assert r["min_cosine"] >= 0.995 and r["index_agreement"] >= 0.85, r
+    assert all(b["agreement"] >= 0.85 for b in m["parity"]["buckets"])

@@ -56,6 +56,9 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="ORT intra-op threads (1 on a shared 2-core machine)")
+    ap.add_argument(
+        "--export-rounds", type=int, default=2, help="exports of each graph, alternating (the first pays one-off costs)"
+    )
     args = ap.parse_args()
     import onnxruntime as ort
 
@@ -68,13 +71,20 @@ def main() -> int:
     largest = max(budget.buckets)
     fixed_vz = VisionZipConfig(*split_budget(largest))
     with tempfile.TemporaryDirectory(prefix="bench-adaptive-") as tmp:
-        fixed_dir, adaptive_dir = Path(tmp) / "fixed", Path(tmp) / "adaptive"
-        exports = {
-            f"fixed {fixed_vz.dominant}+{fixed_vz.contextual}": _export(
-                args.model, fixed_dir, fixed_vz, None, max(batches)
-            ),
-            f"adaptive {args.buckets}": _export(args.model, adaptive_dir, VisionZipConfig(), budget, max(batches)),
-        }
+        fixed_name, adaptive_name = f"fixed {fixed_vz.dominant}+{fixed_vz.contextual}", f"adaptive {args.buckets}"
+        rounds: dict[str, list[dict]] = {fixed_name: [], adaptive_name: []}
+        for r in range(args.export_rounds):
+            fixed_dir, adaptive_dir = Path(tmp) / f"fixed{r}", Path(tmp) / f"adaptive{r}"
+            rounds[fixed_name].append(_export(args.model, fixed_dir, fixed_vz, None, max(batches)))
+            rounds[adaptive_name].append(_export(args.model, adaptive_dir, VisionZipConfig(), budget, max(batches)))
+        exports = {}
+        for name, runs in rounds.items():  # sizes are the same every round; times: the fastest round
+            exports[name] = {
+                **runs[-1],
+                "export_wall_s": min(e["export_wall_s"] for e in runs),
+                "trace_s": min(e["trace_s"] for e in runs),
+                "export_wall_s_per_round": [e["export_wall_s"] for e in runs],
+            }
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = args.threads
         opts.inter_op_num_threads = 1

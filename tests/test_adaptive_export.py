@@ -312,3 +312,19 @@ def test_int8_adaptive_export_passes_its_gate(tmp_path):
     for r in m["parity"]["results"]:  # the int8 thresholds (vzedge.export.parity.INT8_THRESHOLDS)
         assert r["min_cosine"] >= 0.995 and r["index_agreement"] >= 0.85, r
     assert all(b["agreement"] >= 0.85 for b in m["parity"]["buckets"])
+
+
+def test_cli_refuses_bad_adaptive_flags(tmp_path, capsys):
+    from vzedge.cli import EXIT_BAD_INPUT, run
+
+    cases = [
+        (["export", "--out", str(tmp_path / "a"), "--adaptive-mass", "0.6"], "--adaptive-mass needs --adaptive"),
+        (["export", "--out", str(tmp_path / "b"), "--adaptive", "14,x"], "comma-separated token counts"),
+        (["export", "--out", str(tmp_path / "c"), "--adaptive", "14,28", "--dtype", "int8-static"], "int8-static"),
+        (["serve", "--engine", "vllm", "--adaptive", "14,28"], "--engine vzedge only"),
+        (["run", "--adaptive", "14,28", "--all-tokens", "--frames", "1"], "drop --all-tokens"),
+    ]
+    for argv, message in cases:
+        assert run(argv) == EXIT_BAD_INPUT, argv
+        assert message in capsys.readouterr().err, argv
+    assert not any(tmp_path.iterdir())

@@ -24,19 +24,24 @@ from vzedge.export.config import INT8_DTYPES, ExportConfig
 from vzedge.export.manifest import identity, identity_diff, tool_versions, write_manifest
 from vzedge.export.onnx_export import (
     BATCH_DIM,
+    BUCKET_OUTPUT,
     EXTERNAL_DATA_FILE,
     INPUT_NAME,
     MODEL_FILE,
+    NEEDED_OUTPUT,
     OUTPUT_NAMES,
+    AdaptiveVisionGraph,
     VisionGraph,
+    bucket_output_names,
     export_onnx,
     graph_stats,
     slim_onnx,
 )
 from vzedge.export.opcheck import check_tensorrt_ops, visionzip_precision
-from vzedge.export.parity import run_gate
+from vzedge.export.parity import run_adaptive_gate, run_gate
 from vzedge.io import atomic_dir, output_lock, sha256_file
 from vzedge.manifest import read_manifest
+from vzedge.select.adaptive import AdaptiveBudget
 
 log = logging.getLogger(__name__)
 
@@ -190,31 +195,47 @@ def _export_locked(cfg: ExportConfig) -> ExportResult:
         raise ValueError(
             f"{cfg.model!r} is a bare vision encoder without a projector; drop --projector or export a LLaVA model"
         )
+    if cfg.adaptive is not None and type(loaded.vlm).__name__.startswith(("LlavaNext", "LlavaOnevision")):
+        raise ValueError(
+            f"--adaptive exports single-crop (LLaVA-1.5-style) models; {cfg.model!r} is an anyres model whose crops "
+            "would each get their own bucket: drop --adaptive and export a fixed --dominant/--contextual"
+        )
     tuned = None
     if cfg.projector_weights is not None:
         from vzedge.models.projector import load_tuned_projector
 
         tuned = load_tuned_projector(cfg.projector_weights, loaded.vlm, cfg.visionzip)
+    encoder = VisionZipEncoder(loaded.vision, cfg.visionzip).eval()  # raises on token counts that do not fit
+    budget = cfg.adaptive
+    # An adaptive export records the largest bucket's config as its `visionzip` (the worst case a reader sizes for).
+    vz = encoder.bucket_config(max(budget.buckets)) if budget is not None else cfg.visionzip
+    if budget is not None:
+        for k in budget.buckets:
+            encoder.bucket_config(k)  # every bucket must fit the tower, before the trace
     want = {
         "model": loaded.source,
         "revision": loaded.revision,
-        "visionzip": cfg.visionzip.to_dict(),
+        "visionzip": vz.to_dict(),
         "projector": cfg.projector,
         "dtype": cfg.dtype,
         "opset": cfg.opset,
+        "adaptive": _adaptive_identity(budget),
     }
     check_output_dir(cfg.out, want, cfg.force)
 
-    encoder = VisionZipEncoder(loaded.vision, cfg.visionzip).eval()  # raises on token counts that do not fit
     projector = loaded.projector.eval() if cfg.projector and loaded.projector is not None else None
     reference = VisionGraph(encoder, projector).eval()
     if cfg.dtype == "fp16":
-        graph = VisionGraph(
-            VisionZipEncoder(copy.deepcopy(loaded.vision).half(), cfg.visionzip),
-            copy.deepcopy(projector).half() if projector is not None else None,
-        ).eval()
+        half_vision = copy.deepcopy(loaded.vision).half()
+        half_projector = copy.deepcopy(projector).half() if projector is not None else None
+        if budget is not None:
+            graph: VisionGraph | AdaptiveVisionGraph = AdaptiveVisionGraph(
+                VisionZipEncoder(half_vision, cfg.visionzip), budget, half_projector
+            ).eval()
+        else:
+            graph = VisionGraph(VisionZipEncoder(half_vision, cfg.visionzip), half_projector).eval()
     else:
-        graph = reference
+        graph = AdaptiveVisionGraph(encoder, budget, projector).eval() if budget is not None else reference
     tower = encoder.tower
     out_width = projector[-1].out_features if projector is not None and hasattr(projector, "__getitem__") else None
     if out_width is None and projector is not None:
@@ -249,16 +270,47 @@ def _export_locked(cfg: ExportConfig) -> ExportResult:
         del proto
 
         session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-        parity = run_gate(session, reference, _parity_inputs(cfg, loaded, tower), cfg.dtype)
+        if budget is None:
+            parity = run_gate(session, reference, _parity_inputs(cfg, loaded, tower), cfg.dtype)
+        else:
+            refs = {
+                k: VisionGraph(VisionZipEncoder(loaded.vision, encoder.bucket_config(k)), projector).eval()
+                for k in budget.buckets
+            }
+            outputs = {k: bucket_output_names(k) for k in budget.buckets}
+            names = (BUCKET_OUTPUT, NEEDED_OUTPUT)
+            inputs = _parity_inputs(cfg, loaded, tower)
+            parity = run_adaptive_gate(session, refs, encoder, budget, outputs, names, inputs, cfg.dtype)
         del session
 
         trt_record = None
         if cfg.trt:
             trt_record = _build_trt(cfg, tmp, onnx_path, tower, opcheck)
 
-        k = cfg.visionzip.num_tokens
         width = out_width or tower.hidden_size
         token_dtype = "float16" if cfg.dtype == "fp16" else "float32"
+        if budget is None:
+            kept_n = encoder.selector.kept_count(cfg.visionzip)
+            outputs_spec = [
+                {"name": OUTPUT_NAMES[0], "shape": [BATCH_DIM, cfg.visionzip.num_tokens, width], "dtype": token_dtype},
+                {"name": OUTPUT_NAMES[1], "shape": [BATCH_DIM, kept_n], "dtype": "int64"},
+            ]
+            adaptive_record = None
+        else:
+            kept_n = encoder.selector.kept_count(vz)
+            adaptive_record = _adaptive_record(encoder, budget)
+            outputs_spec = [
+                spec
+                for b in reversed(adaptive_record["outputs"])  # the graph's order: largest bucket first
+                for spec in (
+                    {"name": b["tokens"], "shape": [BATCH_DIM, b["bucket"], width], "dtype": token_dtype},
+                    {"name": b["kept_indices"], "shape": [BATCH_DIM, b["kept"]], "dtype": "int64"},
+                )
+            ]
+            outputs_spec += [
+                {"name": BUCKET_OUTPUT, "shape": [BATCH_DIM], "dtype": "int64"},
+                {"name": NEEDED_OUTPUT, "shape": [BATCH_DIM], "dtype": "int64"},
+            ]
         manifest = write_manifest(
             tmp,
             {
@@ -274,11 +326,9 @@ def _export_locked(cfg: ExportConfig) -> ExportResult:
                     "hidden_size": tower.hidden_size,
                     "output_width": width,
                 },
-                "visionzip": cfg.visionzip.to_dict(),
-                "selector": {
-                    **encoder.selector.describe(),
-                    "kept_indices": encoder.selector.kept_count(cfg.visionzip),
-                },
+                "visionzip": vz.to_dict(),
+                "selector": {**encoder.selector.describe(), "kept_indices": kept_n},
+                "adaptive": adaptive_record,
                 "projector": cfg.projector,
                 "projector_weights": tuned,
                 "graph": {
@@ -293,14 +343,7 @@ def _export_locked(cfg: ExportConfig) -> ExportResult:
                             "dtype": "float32",
                         }
                     ],
-                    "outputs": [
-                        {"name": OUTPUT_NAMES[0], "shape": [BATCH_DIM, k, width], "dtype": token_dtype},
-                        {
-                            "name": OUTPUT_NAMES[1],
-                            "shape": [BATCH_DIM, encoder.selector.kept_count(cfg.visionzip)],
-                            "dtype": "int64",
-                        },
-                    ],
+                    "outputs": outputs_spec,
                     "batch": {"min": 1, "max": cfg.max_batch},
                 },
                 "preprocess": _preprocess_spec(loaded.image_processor, tower),
@@ -316,6 +359,36 @@ def _export_locked(cfg: ExportConfig) -> ExportResult:
         )
     log.info("export written to %s", cfg.out)
     return ExportResult(out=cfg.out, manifest=manifest)
+
+
+def _adaptive_identity(budget: AdaptiveBudget | None) -> dict[str, Any] | None:
+    """What of the adaptive budget makes two exports different artifacts (the manifest's identity)."""
+    return None if budget is None else {"buckets": list(budget.buckets), "mass": budget.mass}
+
+
+def _adaptive_record(encoder: VisionZipEncoder, budget: AdaptiveBudget) -> dict[str, Any]:
+    """The manifest's `adaptive` block: the rule, and which graph outputs hold each bucket (ascending)."""
+    outputs = []
+    for k in budget.buckets:
+        bcfg = encoder.bucket_config(k)
+        tokens, kept = bucket_output_names(k)
+        outputs.append(
+            {
+                "bucket": k,
+                "dominant": bcfg.dominant,
+                "contextual": bcfg.contextual,
+                "kept": encoder.selector.kept_count(bcfg),
+                "tokens": tokens,
+                "kept_indices": kept,
+            }
+        )
+    return {
+        **budget.to_dict(),
+        "outputs": outputs,
+        "bucket_output": BUCKET_OUTPUT,
+        "needed_output": NEEDED_OUTPUT,
+        "selection": "every bucket is selected for every image (static shapes); the runtime keeps each image's own",
+    }
 
 
 def _quantize(

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from vzedge.select.adaptive import AdaptiveBudget
 from vzedge.visionzip import VisionZipConfig
 
 ExportDtype = Literal["fp32", "fp16", "int8", "int8-static"]
@@ -41,6 +42,8 @@ class ExportConfig:
         synthetic scenes); calib_n: how many images (the first calib_n files in name order, or scenes).
     max_batch: the largest batch the graph (and the TensorRT profile) accepts; the batch dim is dynamic in [1, max].
     force: replace an `out` that holds a different model's export, or leftovers of an interrupted one.
+    adaptive: a per-image token budget (vzedge.select.adaptive): one graph that selects at every bucket and picks
+        each image's bucket in-graph; the buckets replace visionzip's dominant/contextual (split 54:10 each).
     projector_weights: a `vzedge tune` folder whose tuned projector replaces the model's (checked against the
         base model and `visionzip`; recorded in the manifest as "projector_weights").
     """
@@ -61,6 +64,7 @@ class ExportConfig:
     projector_weights: Path | None = None
     calib: Path | None = None
     calib_n: int = DEFAULT_CALIB_N
+    adaptive: AdaptiveBudget | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():
@@ -123,6 +127,14 @@ class ExportConfig:
                 raise ValueError(
                     f"--calib {self.calib} is not a folder; pass a folder of images, or omit it for "
                     "the built-in synthetic scenes"
+                )
+        if self.adaptive is not None:
+            if not isinstance(self.adaptive, AdaptiveBudget):
+                raise TypeError(f"adaptive must be an AdaptiveBudget, got {type(self.adaptive).__name__}")
+            if self.dtype == "int8-static":
+                raise ValueError(
+                    "--adaptive with --dtype int8-static is not supported (its calibration and Q/DQ placement are "
+                    "not checked on the multi-bucket graph); use --dtype fp32, fp16 or int8"
                 )
         if self.revision is not None and not isinstance(self.revision, str):
             raise TypeError(f"revision must be a string or None, got {type(self.revision).__name__}")

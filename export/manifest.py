@@ -21,7 +21,13 @@ Plain JSON, read by the runtime without importing the exporter. Schema (version 
                        int8_matmuls, int8_modules, fp32_modules, fp32_islands ({"layers.i": {int8, fp32}} per ViT
                        layer), fp32_rest, calibration (null, or {source, images, count, sha256, method}), target,
                        before/after {nodes, bytes}}
-    parity            the gate's thresholds and figures (see vzedge.export.parity)
+    adaptive          null, or (--adaptive) {buckets (ascending), mass, rule, outputs: [{bucket, dominant, contextual,
+                       kept, tokens, kept_indices (output names)}], bucket_output, needed_output, selection}; the
+                       graph's outputs are then each bucket's tokens and kept_indices, largest bucket first, then
+                       bucket [batch] int64 (index into buckets) and needed_tokens [batch] int64; `visionzip` and
+                       graph.outputs[0] describe the largest bucket (the worst case)
+    parity            the gate's thresholds and figures (see vzedge.export.parity); adaptive: results per input
+                       and bucket ("name@K") and `buckets` (the in-graph bucket index against forward_adaptive)
     tensorrt          null, or {engine, key, tensorrt_version, gpu, fp16, profile, workspace_mib}
     files             {relative path: {sha256, bytes}} for every file of the export but manifest.json
 
@@ -40,7 +46,7 @@ from vzedge.io import sha256_file, write_json
 # The reader and verifier live in the core so the runtime uses them without importing the exporter.
 from vzedge.manifest import MANIFEST_NAME, SCHEMA, SCHEMA_VERSION
 
-_IDENTITY_KEYS = ("model", "revision", "visionzip", "projector", "dtype", "opset")
+_IDENTITY_KEYS = ("model", "revision", "visionzip", "projector", "dtype", "opset", "adaptive")
 
 
 def tool_versions() -> dict[str, str | None]:
@@ -90,7 +96,14 @@ def identity(manifest: dict[str, Any]) -> dict[str, Any]:
         "projector": manifest.get("projector"),
         "dtype": graph.get("dtype"),
         "opset": graph.get("opset"),
+        "adaptive": _adaptive_identity(manifest.get("adaptive")),
     }
+
+
+def _adaptive_identity(block: Any) -> dict[str, Any] | None:
+    if not isinstance(block, dict):
+        return None
+    return {"buckets": block.get("buckets"), "mass": block.get("mass")}
 
 
 def identity_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:

@@ -21,6 +21,7 @@ from torch import nn
 from vzedge._deps import require
 from vzedge.encoder import VisionZipEncoder
 from vzedge.export.opcheck import constant_tensors
+from vzedge.select.adaptive import AdaptiveBudget
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,44 @@ class VisionGraph(nn.Module):
         return tokens, out.kept_indices
 
 
-def export_onnx(graph: VisionGraph, path: Path, opset: int, max_batch: int) -> dict[str, Any]:
+BUCKET_OUTPUT = "bucket"
+NEEDED_OUTPUT = "needed_tokens"
+
+
+def bucket_output_names(k: int) -> tuple[str, str]:
+    """The adaptive graph's (tokens, kept_indices) outputs of bucket `k`."""
+    return f"tokens_{k}", f"kept_indices_{k}"
+
+
+class AdaptiveVisionGraph(nn.Module):
+    """pixel_values [B, 3, H, W] -> for each bucket K, largest first: tokens [B, K, D or D_llm], kept_indices;
+    then bucket [B] int64 (index into the ascending `budget.buckets`) and needed_tokens [B] int64.
+
+    One graph, static shapes: the encoder layers run once, the selector once per bucket on every image
+    (`VisionZipEncoder.forward_buckets`), and the bucket is chosen in-graph by `AdaptiveBudget`'s rule. The
+    largest bucket comes first so that a reader that knows only `outputs[0]` sizes for the worst case."""
+
+    def __init__(self, encoder: VisionZipEncoder, budget: AdaptiveBudget, projector: nn.Module | None = None) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.budget = budget
+        self.projector = projector
+
+    @property
+    def output_names(self) -> list[str]:
+        names = [n for k in sorted(self.budget.buckets, reverse=True) for n in bucket_output_names(k)]
+        return [*names, BUCKET_OUTPUT, NEEDED_OUTPUT]
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outs, bucket, needed = self.encoder.forward_buckets(pixel_values, self.budget)
+        flat: list[torch.Tensor] = []
+        for out in reversed(outs):  # largest bucket first
+            tokens = self.projector(out.tokens) if self.projector is not None else out.tokens
+            flat += [tokens, out.kept_indices]
+        return (*flat, bucket, needed)
+
+
+def export_onnx(graph: VisionGraph | AdaptiveVisionGraph, path: Path, opset: int, max_batch: int) -> dict[str, Any]:
     """Write `graph` to `path` (weights beside it as external data when over 2 GiB). Returns timing info."""
     require("onnxscript", "ONNX export")
     tower = graph.encoder.tower
@@ -92,7 +130,7 @@ def export_onnx(graph: VisionGraph, path: Path, opset: int, max_batch: int) -> d
             # converter, which torch.onnx would use, fails 18 -> 17 on ReduceMean with axes as an input).
             opset_version=max(opset, NATIVE_OPSET),
             input_names=[INPUT_NAME],
-            output_names=list(OUTPUT_NAMES),
+            output_names=graph.output_names if isinstance(graph, AdaptiveVisionGraph) else list(OUTPUT_NAMES),
             dynamic_shapes=dynamic_shapes,
             optimize=True,
             verbose=False,

@@ -225,3 +225,77 @@ def run_gate(session: Any, reference: torch.nn.Module, inputs: dict[str, torch.T
     if failures:
         raise ParityError("parity gate failed: " + "; ".join(failures))
     return report
+
+
+@torch.no_grad()
+def run_adaptive_gate(
+    session: Any,
+    references: dict[int, torch.nn.Module],
+    encoder: Any,
+    budget: Any,
+    outputs: dict[int, tuple[str, str]],
+    names: tuple[str, str],
+    inputs: dict[str, torch.Tensor],
+    dtype: str,
+) -> dict[str, Any]:
+    """The gate of an adaptive graph: every bucket's outputs against `references[k]` (an fp32 VisionGraph of
+    `VisionZipEncoder` at that bucket), with the thresholds of `dtype`, on every image (the graph selects at every
+    bucket for every image); and the in-graph bucket index against `encoder.forward_adaptive` (fp32), whose
+    agreement (share of images) must reach the same `min_index_agreement`. `outputs[k]`: (tokens, kept) output
+    names of bucket k; `names`: the (bucket, needed) output names. Raises ParityError; returns the report."""
+    th = THRESHOLDS[dtype]
+    in_name = session.get_inputs()[0].name
+    figures, failures, buckets = [], [], []
+    for name, pixels in inputs.items():
+        px = pixels.float()
+        got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {in_name: px.numpy()}), strict=True))
+        for k, ref in references.items():
+            ref_tokens, ref_kept = ref(px)
+            tok_name, kept_name = outputs[k]
+            fig = compare(f"{name}@{k}", got[tok_name], got[kept_name], ref_tokens, ref_kept)
+            log.info(
+                "parity %s (batch %d): max|diff| %.3g, contextual %.3g, cosine min %.6f, kept %.4f",
+                fig.inputs,
+                fig.batch,
+                fig.max_abs_diff,
+                fig.contextual_max_abs_diff,
+                fig.min_cosine,
+                fig.index_agreement,
+            )
+            figures.append(fig)
+            failures += fig.failures(th)
+        ref_ad = encoder.forward_adaptive(px, budget)
+        ours = torch.from_numpy(np.asarray(got[names[0]])).long()
+        needed = torch.from_numpy(np.asarray(got[names[1]])).long()
+        agree = float((ours == ref_ad.bucket).float().mean())
+        record = {
+            "inputs": name,
+            "batch": int(px.shape[0]),
+            "bucket": ours.tolist(),
+            "reference_bucket": ref_ad.bucket.tolist(),
+            "needed": needed.tolist(),
+            "reference_needed": ref_ad.needed.tolist(),
+            "agreement": agree,
+        }
+        log.info("parity %s: buckets %s (reference %s)", name, record["bucket"], record["reference_bucket"])
+        buckets.append(record)
+        if not agree >= th.min_index_agreement:
+            failures.append(
+                f"{name}: bucket index agreement {agree:.4f} < {th.min_index_agreement} "
+                f"(graph {record['bucket']}, forward_adaptive {record['reference_bucket']})"
+            )
+    report = {
+        "dtype": dtype,
+        "reference": "torch VisionZipEncoder at each bucket, float32; buckets: VisionZipEncoder.forward_adaptive",
+        "thresholds": {
+            **asdict(th),
+            "max_abs_diff_atol": MAX_ABS_DIFF_ATOL,
+            "min_bucket_agreement": th.min_index_agreement,
+        },
+        "results": [asdict(f) for f in figures],
+        "buckets": buckets,
+        "passed": not failures,
+    }
+    if failures:
+        raise ParityError("parity gate failed: " + "; ".join(failures))
+    return report

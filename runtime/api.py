@@ -64,6 +64,8 @@ def load_session(cfg: RunConfig) -> Session:
     vision = open_vision_backend(
         cfg.vision, loaded, cfg.visionzip, cfg.vision_backend, device, cfg.layout, cfg.adaptive
     )
+    if cfg.adaptive is None and vision.adaptive is not None:
+        cfg.adaptive = vision.adaptive  # an adaptive export's own budget: the report's config says what ran
     from vzedge.prompt import question_template
 
     template = cfg.template if cfg.template is not None else question_template(loaded.processor)
@@ -265,7 +267,14 @@ def chat(cfg: RunConfig, questions: list[str], session: Session | None = None) -
         "image": cfg.source,
         "vision_backend": session.vision.name,
         "vision_dtype": vision_dtype(session.vision),
-        "image_tokens": stage.k if stage is not None else session.vision.num_tokens,
+        # With an adaptive budget, the tokens this image got (its bucket), not the most an image can get.
+        "image_tokens": (
+            stage.k
+            if stage is not None
+            else int(tokens.shape[1])
+            if session.vision.adaptive is not None
+            else session.vision.num_tokens
+        ),
         "selection": selection_record(session),
         "preprocess_ms": round((t1 - t0) * 1e3, 3),
         "vision_ms": round((t2 - t1) * 1e3, 3),

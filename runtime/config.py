@@ -44,7 +44,8 @@ class RunConfig:
     memory_interval_s: float = 0.25
     max_records: int = 10_000  # per-frame records kept for the report; older frames fold into totals
     image_limits: ImageLimits = field(default_factory=ImageLimits)  # checked from each file's header
-    # Per-frame token budget (vzedge.select.adaptive): each frame at the bucket its attention mass asks for.
+    # Per-frame token budget (vzedge.select.adaptive): each frame at the bucket its attention mass asks for. With
+    # `vision`, an adaptive export's manifest gives it (None: taken from there; else it must match).
     adaptive: AdaptiveBudget | None = None
     # Text-conditioned stage 2 (vzedge.select.textcond): keep this many of the vision stage's cached tokens per
     # frame, chosen per question by conditional DPP. None: the text-agnostic path.
@@ -67,11 +68,8 @@ class RunConfig:
         if self.adaptive is not None:
             if not isinstance(self.adaptive, AdaptiveBudget):
                 raise TypeError(f"adaptive must be an AdaptiveBudget, got {type(self.adaptive).__name__}")
-            if self.visionzip is None or self.vision is not None:
-                raise ValueError(
-                    "--adaptive picks each frame's token count in the PyTorch encoder: drop --vision/--all-tokens "
-                    "(an export holds one graph per token count)"
-                )
+            if self.visionzip is None:
+                raise ValueError("--adaptive picks each frame's VisionZip token count: drop --all-tokens")
         if self.text_stage is not None:
             if isinstance(self.text_stage, bool) or not isinstance(self.text_stage, int) or self.text_stage < 1:
                 raise ValueError(f"text_stage={self.text_stage!r}: pass a positive token count, e.g. --text-stage 64")

@@ -223,6 +223,7 @@ def run_remote(cfg: Any, client: RemoteLLM) -> dict[str, Any]:
             metrics.stage(i, "end_to_end", frame.capture_ms + (t2 - t0) * 1e3 + ans.total_ms)
             rec = metrics.frame(i)
             rec.answer, rec.new_tokens = ans.text, ans.completion_tokens or 0
+            rec.image_tokens = int(tokens.shape[1])  # this frame's own count (its bucket with --adaptive)
             metrics.processed(i)
             sent.append(
                 {"embeds_bytes": ans.embeds_bytes, "request_bytes": ans.request_bytes, "prompt": ans.prompt_tokens}

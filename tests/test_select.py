@@ -361,8 +361,9 @@ def test_runtime_adaptive_backend_and_config():
     from vzedge.runtime.config import RunConfig
 
     budget = AdaptiveBudget((8, 16, 28), 0.5)
-    with pytest.raises(ValueError, match="drop --vision"):
-        RunConfig(vision="out/x", adaptive=budget)
+    with pytest.raises(ValueError, match="drop --all-tokens"):
+        RunConfig(visionzip=None, adaptive=budget)
+    assert RunConfig(vision="out/x", adaptive=budget).adaptive == budget  # checked against the export's manifest
     assert RunConfig(adaptive=budget).to_dict()["adaptive"]["buckets"] == [8, 16, 28]
     loaded = load_model("tiny")
     backend = TorchVisionBackend(loaded, VisionZipConfig(24, 4, selector="divprune"), "cpu", budget)

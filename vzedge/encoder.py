@@ -197,6 +197,25 @@ class VisionZipEncoder(nn.Module):
                 tokens[r], kept[r] = t[j], k[j]
         return AdaptiveOutput(tokens, kept, bucket, needed)
 
+    def forward_buckets(
+        self, pixel_values: torch.Tensor, budget: AdaptiveBudget
+    ) -> tuple[list[VisionZipOutput], torch.Tensor, torch.Tensor]:
+        """Every image at every bucket, static shapes throughout (what the adaptive export traces): the layers run
+        once, the selector once per bucket on the whole batch. Returns (one VisionZipOutput per bucket, in
+        `budget.buckets` order, bucket index [B], tokens asked for before rounding [B]). It costs the selector
+        work of the buckets an image does not use; `forward_adaptive` skips that in eager PyTorch."""
+        if not torch.compiler.is_compiling():
+            self.check_pixels(pixel_values)
+        configs = [self.bucket_config(k) for k in budget.buckets]
+        x = self._layer_inputs(pixel_values)
+        scores, keys = self._score_and_keys(x)
+        hidden = self.tower.layers[self.layer_index](x, None)
+        needed = budget.counts(scores, self.tower.has_cls)
+        bucket = budget.bucket_index(scores, self.tower.has_cls)
+        inputs = SelectionInputs(hidden, scores, keys, self.tower.has_cls, self.tower.grid)
+        outs = [VisionZipOutput(*self.selector.select(inputs, cfg, self.generator), scores) for cfg in configs]
+        return outs, bucket, needed
+
     @torch.no_grad()
     def explain(self, pixel_values: torch.Tensor) -> VisionZipExplanation:
         """Scores, kept tokens and contextual groups, for drawing (not on the hot path)."""

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from vzedge._deps import require
-from vzedge.runtime.backends.base import VisionBackend
+from vzedge.runtime.backends.base import VisionBackend, manifest_adaptive, pick_buckets
 from vzedge.runtime.preprocess import Preprocess
 
 log = logging.getLogger(__name__)
@@ -22,6 +22,8 @@ _TORCH_DTYPE = {"FLOAT": torch.float32, "HALF": torch.float16, "INT64": torch.in
 
 class TensorRTVisionBackend(VisionBackend):
     def __init__(self, folder: Path, manifest: dict[str, Any]) -> None:
+        found = manifest_adaptive(manifest, folder)  # a malformed manifest fails before TensorRT is needed
+        self.adaptive, self.adaptive_block = found if found is not None else (None, None)
         trt = require("tensorrt", "the TensorRT vision backend")
         if not torch.cuda.is_available():
             raise ValueError("the TensorRT backend needs a CUDA GPU; use --vision-backend ort or torch here")
@@ -48,11 +50,29 @@ class TensorRTVisionBackend(VisionBackend):
         self.num_tokens = int(manifest["visionzip"]["dominant"]) + int(manifest["visionzip"]["contextual"])
         self.projected = bool(manifest["projector"])
         self.preprocess = Preprocess.from_manifest(manifest["preprocess"])
+        self.max_batch = int(graph.get("batch", {}).get("max", 1))
         self.stream = torch.cuda.Stream()
         self.name = "tensorrt"
+        if self.adaptive is not None:
+            self.name += f"-adaptive-{'/'.join(map(str, self.adaptive.buckets))}"
 
     @torch.inference_mode()
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Tokens of the graph's first output (an adaptive export: its largest bucket, for every image)."""
+        return self._run(pixel_values)[self.output_names[0]].float()
+
+    @torch.inference_mode()
+    def encode_each(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        if self.adaptive_block is None:
+            return super().encode_each(pixel_values)
+        out: list[torch.Tensor] = []
+        for i in range(0, len(pixel_values), self.max_batch):
+            out += [
+                t.float() for t in pick_buckets(self._run(pixel_values[i : i + self.max_batch]), self.adaptive_block)
+            ]
+        return out
+
+    def _run(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         x = pixel_values.to("cuda", torch.float32).contiguous()
         self.context.set_input_shape(self.input_name, tuple(x.shape))
         self.context.set_tensor_address(self.input_name, x.data_ptr())
@@ -65,4 +85,4 @@ class TensorRTVisionBackend(VisionBackend):
         if not self.context.execute_async_v3(self.stream.cuda_stream):
             raise RuntimeError("TensorRT execution failed (see the TensorRT log)")
         self.stream.synchronize()
-        return outputs[self.output_names[0]].float()
+        return outputs

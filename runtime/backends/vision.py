@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from vzedge.runtime.backends.base import Prepared, VisionBackend
+from vzedge.runtime.backends.base import Prepared, VisionBackend, check_adaptive_request, manifest_adaptive
 from vzedge.runtime.backends.ort import OrtVisionBackend
 from vzedge.runtime.backends.trt import TensorRTVisionBackend
 
@@ -68,13 +68,12 @@ class TorchVisionBackend(VisionBackend):
         return self.projector(tokens) if self.projector is not None else tokens
 
     @torch.inference_mode()
-    def encode_prepared(self, prepared: Prepared) -> torch.Tensor:
+    def encode_each(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         if self.adaptive is None or self.encoder is None:
-            return super().encode_prepared(prepared)
-        # Each frame at its own bucket: [1, sum K_i, D], the frames' tokens one after another.
-        out = self.encoder.forward_adaptive(prepared.pixels.to(self.device), self.adaptive)
-        tokens = torch.cat(out.tokens).unsqueeze(0)
-        return self.projector(tokens) if self.projector is not None else tokens
+            return super().encode_each(pixel_values)
+        # Each image at its own bucket (the layers run once for the batch, the selector once per bucket present).
+        out = self.encoder.forward_adaptive(pixel_values.to(self.device), self.adaptive)
+        return [self.projector(t) if self.projector is not None else t for t in out.tokens]
 
 
 class TokenCache:
@@ -194,6 +193,11 @@ def open_vision_backend(
     manifest = read_manifest(export_dir)
     verify_files(export_dir, manifest)
     check_manifest_matches(manifest, loaded)
+    # The buckets of an adaptive export come from its manifest; --adaptive must match them or be omitted.
+    found = manifest_adaptive(manifest, export_dir)
+    check_adaptive_request(found[0] if found is not None else None, adaptive, export_dir)
+    if found is not None and is_anyres(loaded):
+        raise ValueError("an adaptive export is for LLaVA-1.5 models (one crop per image), not anyres models")
     if backend == "trt" or (backend == "auto" and manifest.get("tensorrt") and torch.cuda.is_available()):
         return TensorRTVisionBackend(Path(export_dir), manifest)
     graph = OrtVisionBackend(Path(export_dir), manifest, backend, projector=None if manifest["projector"] else loaded)

@@ -85,6 +85,16 @@ class BudgetConfig:
             raise ValueError(f"dtype {self.dtype!r} is not one of auto, {', '.join(DTYPE_BYTES)}")
         if self.vision_export is not None and self.vision_backend == "torch":
             self.vision_backend = "ort"  # an export folder is run by ORT unless trt was asked for
+        if self.vision_export is not None:
+            from vzedge.manifest import read_manifest
+
+            adaptive = read_manifest(self.vision_export).get("adaptive")
+            worst = max(int(b) for b in adaptive["buckets"]) if isinstance(adaptive, dict) else 0
+            if self.tokens < worst:  # an adaptive export is sized for its largest bucket, the worst case
+                raise ValueError(
+                    f"{self.vision_export} is an adaptive export: an image gets up to {worst} tokens (buckets "
+                    f"{adaptive['buckets']}); size for the worst case with --tokens {worst} or more"
+                )
         if self.vision_backend not in VISION_BACKENDS:
             raise ValueError(f"vision backend {self.vision_backend!r} is not one of {', '.join(VISION_BACKENDS)}")
         if self.attention not in ("sdpa", "eager"):

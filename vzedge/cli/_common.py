@@ -21,6 +21,35 @@ def add_visionzip_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_adaptive_args(p: argparse.ArgumentParser, where: str) -> None:
+    """--adaptive K1,K2,... and --adaptive-mass (vzedge.select.adaptive); `where` ends the --adaptive help."""
+    p.add_argument(
+        "--adaptive",
+        default=None,
+        metavar="K1,K2,...",
+        help="per-image token budget: each image gets the smallest of these token counts that holds "
+        f"--adaptive-mass of its attention (overrides --dominant/--contextual; {where})",
+    )
+    p.add_argument(
+        "--adaptive-mass", type=float, default=None, help="share of the attention mass to keep (default 0.5)"
+    )
+
+
+def adaptive_budget(args: argparse.Namespace):
+    """The AdaptiveBudget of --adaptive/--adaptive-mass, or None without --adaptive."""
+    if not getattr(args, "adaptive", None):
+        if getattr(args, "adaptive_mass", None) is not None:
+            raise ValueError("--adaptive-mass needs --adaptive K1,K2,... (the buckets)")
+        return None
+    from vzedge.select import AdaptiveBudget
+
+    parts = args.adaptive.replace(" ", "").split(",")
+    if not all(p.isdigit() for p in parts):
+        raise ValueError(f"--adaptive {args.adaptive!r}: pass comma-separated token counts, e.g. --adaptive 16,28,57")
+    mass = 0.5 if args.adaptive_mass is None else args.adaptive_mass
+    return AdaptiveBudget(tuple(int(p) for p in parts), mass)
+
+
 def add_image_limit_args(p: argparse.ArgumentParser) -> None:
     from vzedge.images import DEFAULT_LIMITS
 

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from vzedge.cli._common import add_visionzip_args, visionzip_config
+from vzedge.cli._common import adaptive_budget, add_adaptive_args, add_visionzip_args, visionzip_config
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -27,6 +27,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         revision=args.revision,
         calib=args.calib,
         calib_n=args.calib_n,
+        adaptive=adaptive_budget(args),
     )
     try:
         result = export_vision(cfg)
@@ -39,6 +40,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     m = result.manifest
     graph, tokens = m["graph"], m["graph"]["outputs"][0]
     print(f"wrote {result.out}: {graph['file']} {graph['dtype']} opset {graph['opset']}, tokens {tokens['shape']}")
+    if ad := m.get("adaptive"):
+        print(
+            f"adaptive    buckets {ad['buckets']} (mass {ad['mass']}): one graph, each bucket's tokens an output, "
+            f"the bucket chosen in-graph ({ad['bucket_output']})"
+        )
+        for b in m["parity"]["buckets"]:
+            print(f"parity      {b['inputs']}: buckets {b['bucket']} (forward_adaptive {b['reference_bucket']})")
     slim = m["slim"]
     if slim.get("before"):
         print(
@@ -98,4 +106,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace a folder holding another export or leftovers")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     add_visionzip_args(p)
+    add_adaptive_args(p, "one graph with every bucket's tokens as an output and the bucket chosen in-graph")
     p.set_defaults(func=_cmd_export)

@@ -8,6 +8,8 @@ import sys
 
 from vzedge._deps import require
 from vzedge.cli._common import (
+    adaptive_budget,
+    add_adaptive_args,
     add_image_limit_args,
     add_visionzip_args,
     image_limits,
@@ -30,14 +32,10 @@ def add_runtime_args(p: argparse.ArgumentParser, source_default: str) -> None:
     p.add_argument("--frames", type=int, default=None, help="stop after this many frames")
     p.add_argument("--clip", type=int, default=1, help="frames per question (video): each compressed on its own")
     p.add_argument("--layout", choices=("reference", "newline"), default="reference", help="anyres crop arrangement")
-    p.add_argument(
-        "--adaptive",
-        default=None,
-        metavar="K1,K2,...",
-        help="per-frame token budget: each frame gets the smallest of these token counts that holds "
-        "--adaptive-mass of its attention (PyTorch encoder; overrides --dominant/--contextual)",
+    add_adaptive_args(
+        p,
+        "with --vision the buckets come from the export's manifest: omit --adaptive or pass the same buckets and mass",
     )
-    p.add_argument("--adaptive-mass", type=float, default=0.5, help="share of the attention mass to keep")
     p.add_argument(
         "--text-stage",
         type=int,
@@ -76,7 +74,7 @@ def run_config(args: argparse.Namespace, **extra):
         max_new_tokens=args.max_new_tokens,
         device=args.device,
         image_limits=image_limits(args),
-        adaptive=_adaptive(args),
+        adaptive=adaptive_budget(args),
         text_stage=args.text_stage,
         **extra,
     )
@@ -93,17 +91,6 @@ def check_outputs(args: argparse.Namespace) -> None:
 
         require("matplotlib", "--plot")
         check_writable_file(args.plot, "--plot")
-
-
-def _adaptive(args: argparse.Namespace):
-    if not getattr(args, "adaptive", None):
-        return None
-    from vzedge.select import AdaptiveBudget
-
-    parts = args.adaptive.replace(" ", "").split(",")
-    if not all(p.isdigit() for p in parts):
-        raise ValueError(f"--adaptive {args.adaptive!r}: pass comma-separated token counts, e.g. --adaptive 16,28,57")
-    return AdaptiveBudget(tuple(int(p) for p in parts), args.adaptive_mass)
 
 
 def write_reports(args: argparse.Namespace, report: dict) -> None:

@@ -7,10 +7,18 @@ import argparse
 import shlex
 import sys
 
-from vzedge.cli._common import add_visionzip_args, visionzip_config
+from vzedge.cli._common import adaptive_budget, add_adaptive_args, add_visionzip_args, visionzip_config
 
 # Flags of the built-in engine that vLLM has no equivalent for (vLLM runs its own vision tower and LLM).
-_VZEDGE_ONLY = {"vision": None, "quant": "none", "image_root": None, "threads": None, "text_stage": None}
+_VZEDGE_ONLY = {
+    "vision": None,
+    "quant": "none",
+    "image_root": None,
+    "threads": None,
+    "adaptive": None,
+    "adaptive_mass": None,
+    "text_stage": None,
+}
 # Flags of --engine vllm that the built-in engine has no use for.
 _VLLM_ONLY = {"vllm_mode": None, "vllm_args": "", "vllm_python": None, "context": None, "print_command": False}
 
@@ -48,6 +56,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
         threads=args.threads,
         text_stage=args.text_stage,
+        adaptive=adaptive_budget(args),
     )
     print(f"vzedge serve: {cfg.name} on http://{cfg.host}:{cfg.port}/v1 (GET /health answers 200 once loaded)")
     return serve(cfg)
@@ -151,4 +160,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--print-command", action="store_true", help="print vLLM's command line and exit")
     add_visionzip_args(p)
+    add_adaptive_args(
+        p, "each request's image at its own bucket; with --vision the export's buckets: omit it or pass the same"
+    )
     p.set_defaults(func=_cmd_serve)

@@ -66,6 +66,9 @@ def tokens_for_mass(patch_scores: torch.Tensor, mass: float) -> torch.Tensor:
 
 
 def choose_buckets(counts: torch.Tensor, buckets: tuple[int, ...]) -> torch.Tensor:
-    """Index of the smallest bucket >= each count (the last bucket when none is): [B] -> [B] int64."""
+    """Index of the smallest bucket >= each count (the last bucket when none is): [B] -> [B] int64.
+
+    Counted as "how many buckets are smaller than the count" (a compare and a sum, not searchsorted), so the
+    exported adaptive graph computes it with ops ONNX and TensorRT have."""
     edges = torch.tensor(buckets, dtype=counts.dtype, device=counts.device)
-    return torch.searchsorted(edges, counts.contiguous(), right=False).clamp(max=len(buckets) - 1)
+    return (counts.unsqueeze(-1) > edges).sum(dim=-1).clamp(max=len(buckets) - 1)

@@ -124,6 +124,8 @@ def create_app(config: ServeConfig, engine: Engine | None = None) -> Any:
             card["image_tokens"] = engine.image_tokens
             card["image_tokens_stock"] = engine.stock_tokens
             card["text_conditioned"] = engine.text_stage is not None
+            if engine.adaptive is not None:
+                card["image_tokens_adaptive"] = {"buckets": list(engine.adaptive.buckets), "mass": engine.adaptive.mass}
         return {"object": "list", "data": [card]}
 
     async def read_body(request: Request) -> Any:
@@ -199,7 +201,8 @@ def create_app(config: ServeConfig, engine: Engine | None = None) -> Any:
         if engine.context and n_prompt + max_tokens > engine.context:
             over_prompt = n_prompt >= engine.context
             raise RequestError(
-                f"the prompt is {n_prompt} tokens ({engine.image_tokens} of them the image) and max_tokens is "
+                f"the prompt is {n_prompt} tokens ({'up to ' if engine.adaptive is not None else ''}"
+                f"{engine.image_tokens} of them the image) and max_tokens is "
                 f"{max_tokens}, beyond the model's context of {engine.context}; "
                 + ("shorten the conversation" if over_prompt else f"ask for at most {engine.context - n_prompt}"),
                 param="messages" if over_prompt else "max_tokens",
@@ -230,13 +233,15 @@ def create_app(config: ServeConfig, engine: Engine | None = None) -> Any:
         )
         engine.submit(job)
         if metrics is not None:
-            metrics.prompt_tokens.inc(n_prompt)
+            metrics.prompt_tokens.inc(n_prompt - engine.image_tokens)  # the image's part once it is encoded
 
         def usage(info: dict[str, Any]) -> dict[str, Any]:
+            # n_prompt allowed for the most image tokens (an adaptive budget's largest bucket); count the image's own.
+            prompt_tokens = n_prompt - engine.image_tokens + info["visual_tokens"]
             return {
-                "prompt_tokens": n_prompt,
+                "prompt_tokens": prompt_tokens,
                 "completion_tokens": info["completion_tokens"],
-                "total_tokens": n_prompt + info["completion_tokens"],
+                "total_tokens": prompt_tokens + info["completion_tokens"],
                 "prompt_tokens_details": {"cached_tokens": info["cached_tokens"]},
                 "images": [
                     {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from vzedge.select.adaptive import AdaptiveBudget
 from vzedge.visionzip import VisionZipConfig
 
 
@@ -49,6 +50,9 @@ class ServeConfig:
     # Text-conditioned stage 2 (vzedge.select.textcond): keep this many of the image's cached tokens per question
     # (the image's stage-1 tokens are cached; the KV prefix is then per image and question). None: off.
     text_stage: int | None = None
+    # Each request's image at its own bucket (vzedge.select.adaptive); with `vision`, an adaptive export's budget
+    # (None: the manifest's; else it must match). Prompt-size checks allow for the largest bucket.
+    adaptive: AdaptiveBudget | None = None
 
     def __post_init__(self) -> None:
         self.run_config()  # the runtime's own checks of model/vision/quant/device/layout
@@ -91,10 +95,12 @@ class ServeConfig:
             device=self.device,
             layout=self.layout,
             text_stage=self.text_stage,
+            adaptive=self.adaptive,
         )
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
         d["visionzip"] = self.visionzip.to_dict() if self.visionzip is not None else None
         d["api_key"] = "***" if self.api_key else None
+        d["adaptive"] = self.adaptive.to_dict() if self.adaptive is not None else None
         return d

@@ -104,6 +104,8 @@ class Engine:
         self.metrics = metrics_factory(self.cache, self.queue_depth, self.active_count) if metrics_factory else None
         budget = cfg.visionzip
         self._budget_key = "all" if budget is None else f"{budget.dominant}+{budget.contextual}@{budget.layer}"
+        if cfg.adaptive is not None:
+            self._budget_key = self._adaptive_key(cfg.adaptive)
 
     # --- life cycle -------------------------------------------------------------------------------------------
 
@@ -148,7 +150,10 @@ class Engine:
         cfg = self.cfg
         run_cfg = cfg.run_config()
         session = load_session(run_cfg)
-        projector = resolve_projector(session.loaded.source, cfg.visionzip, cfg.projector)
+        adaptive = cfg.adaptive is not None or session.vision.adaptive is not None
+        # The shipped tuned projector ("auto") was tuned at one budget (54+10), not for a bucket's token counts.
+        projector = None if adaptive and cfg.projector == "auto" else cfg.projector
+        projector = resolve_projector(session.loaded.source, cfg.visionzip, projector)
         if projector is not None:
             if cfg.vision is not None:
                 if cfg.projector != "auto":
@@ -163,6 +168,8 @@ class Engine:
         self.projector = projector if cfg.vision is None else None
         self.session = session
         self.text_stage = session.text_stage
+        if session.vision.adaptive is not None:  # an adaptive export's own budget when --adaptive was omitted
+            self._budget_key = self._adaptive_key(session.vision.adaptive)
         # The HTTP side counts prompt tokens on its own copy of the tokenizer: a fast (Rust) tokenizer shared
         # between threads can fail with "RuntimeError: Already borrowed" (transformers #47085).
         self._counter = copy.copy(session.llm)
@@ -184,7 +191,7 @@ class Engine:
 
         llm = self.session.llm
         before, after = single_turn(self.session.loaded.processor, "What is in the image?").split(IMAGE_TOKEN)
-        tokens = self._encode([demo_image()])[:1]
+        tokens = self._encode([demo_image()])[0].unsqueeze(0)
         if self.text_stage is not None:
             tokens, _ = self.text_stage.select(tokens, "What is in the image?")
         prefix = llm.prefill_image(tokens, before)
@@ -193,12 +200,23 @@ class Engine:
 
     # --- sizes the HTTP layer checks before queueing -------------------------------------------------------
 
+    @staticmethod
+    def _adaptive_key(budget: Any) -> str:
+        """An image's bucket is a function of the image and the budget, so one key per budget keeps entries of
+        different buckets (and of fixed budgets) apart."""
+        return f"adaptive:{'/'.join(map(str, budget.buckets))}@{budget.mass:g}"
+
     @property
     def image_tokens(self) -> int:
-        """Image tokens the LLM sees per request (the text stage's K when it is on)."""
+        """Image tokens of a request, at most (the text stage's K when it is on, else an adaptive budget's largest
+        bucket): what prompt checks allow for."""
         if self.text_stage is not None:
             return int(self.text_stage.k)
         return int(self.session.vision.num_tokens)
+
+    @property
+    def adaptive(self) -> Any:
+        return self.session.vision.adaptive
 
     def prompt_tokens(self, prefix_text: str, text: str) -> int:
         """BOS + prefix + image tokens + the rest, as the LLM will see them. Call from one thread only (the
@@ -260,16 +278,17 @@ class Engine:
             code="timeout",
         )
 
-    def _encode(self, images: list[Any]) -> torch.Tensor:
-        """Images -> tokens [B, K, D_llm], batched through the vision backend (anyres: one image at a time)."""
+    def _encode(self, images: list[Any]) -> list[torch.Tensor]:
+        """Images -> each one's tokens [K_i, D_llm], batched through the vision backend (anyres: one image at a
+        time); K_i is the image's own bucket with an adaptive budget."""
         from vzedge.runtime.backends.vision import AnyresVisionBackend
 
         vision = self.session.vision
         if isinstance(vision, AnyresVisionBackend):
-            return torch.cat([vision.encode_prepared(vision.prepare([im])) for im in images])
+            return [vision.encode_prepared(vision.prepare([im]))[0] for im in images]
         px = vision.prepare(images).pixels
         step = min(vision.max_batch, self.cfg.max_vision_batch)
-        return torch.cat([vision.encode(px[i : i + step]) for i in range(0, len(px), step)])
+        return [t for i in range(0, len(px), step) for t in vision.encode_each(px[i : i + step])]
 
     def _observe(self, stage: str, seconds: float) -> None:
         if self.metrics is not None:
@@ -310,6 +329,8 @@ class Engine:
         for job in live:
             if job.entry is None:
                 continue
+            if self.metrics is not None:
+                self.metrics.observe_image_tokens(int(job.entry.tokens.shape[1]))
             generator = torch.Generator().manual_seed(job.seed) if job.seed is not None else None
             if generator is None and job.temperature > 0:
                 generator = torch.Generator()
@@ -332,7 +353,7 @@ class Engine:
         t0 = time.perf_counter()
         if self.text_stage is None:
             tokens = self._encode([misses[k][0].image.image for k in keys])
-            per_key = [tokens[i : i + 1] for i in range(len(keys))]
+            per_key = [t.unsqueeze(0) for t in tokens]
             if self.metrics is not None:
                 self.metrics.vision_batch.observe(len(keys))
         else:
@@ -372,7 +393,7 @@ class Engine:
             if self.metrics is not None:
                 self.metrics.vision_batch.observe(len(todo))
             for i, key in enumerate(todo):
-                found[key] = tokens[i : i + 1]
+                found[key] = tokens[i].unsqueeze(0)
                 if self.cache.capacity_bytes:
                     t = found[key]
                     self.cache.put(key, CacheEntry(t, None, t.numel() * t.element_size()))

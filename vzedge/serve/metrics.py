@@ -53,6 +53,18 @@ class ServeMetrics:
         )
         self.prompt_tokens = Counter("vzedge_prompt_tokens", "Prompt tokens (text + image)", registry=r)
         self.completion_tokens = Counter("vzedge_completion_tokens", "Generated tokens", registry=r)
+        self.image_tokens = Histogram(
+            "vzedge_image_tokens",
+            "Image tokens in each request's prompt (varies per image with --adaptive)",
+            buckets=(8, 16, 32, 64, 128, 256, 576, 1024, 2048, 4096),
+            registry=r,
+        )
+        self.image_tokens_requests = Counter(
+            "vzedge_image_tokens_requests",
+            "Requests by the image-token count their image got (one label per --adaptive bucket)",
+            ["tokens"],
+            registry=r,
+        )
         self.vision_batch = Histogram(
             "vzedge_vision_batch_images", "Images per vision pass", buckets=(1, 2, 4, 8, 16, 32), registry=r
         )
@@ -66,6 +78,11 @@ class ServeMetrics:
             "vzedge_accelerator_memory_bytes", "Accelerator memory (torch allocator)", ["kind"], registry=r
         )
         self._gpu_memory = gpu_memory
+
+    def observe_image_tokens(self, tokens: int) -> None:
+        self.image_tokens.observe(tokens)
+        self.image_tokens_requests.labels(tokens=str(tokens)).inc()
+        self.prompt_tokens.inc(tokens)  # the text part is counted when the request is queued
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         self.stage.labels(stage=stage).observe(seconds)

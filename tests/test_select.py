@@ -194,6 +194,8 @@ def test_vispruner_matches_the_reference_rounds():
     assert max(got) - min(got) > 32, "ties resolved across the image, not from one end"
     for n in (1, 2, 196, 256, 576, 729):
         assert sorted(tie_priority(n).tolist()) == list(range(n))
+    with pytest.raises(ValueError, match="at most 4096 patches"):
+        get_selector("vispruner").check(VisionZipConfig(54, 10, selector="vispruner"), 4098, True)
 
 
 @pytest.fixture(scope="module")

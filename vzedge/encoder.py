@@ -7,7 +7,7 @@ implementation of the computation.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -172,6 +172,17 @@ class VisionZipEncoder(nn.Module):
         scores, _ = self._score_and_keys(self._layer_inputs(pixel_values))
         return budget.bucket_index(scores, self.tower.has_cls), budget.counts(scores, self.tower.has_cls)
 
+    def _bucket_inputs(self, pixel_values: torch.Tensor, budget: AdaptiveBudget) -> tuple[Any, ...]:
+        """What both adaptive paths select from: (one config per bucket, the selection layer's output, scores,
+        keys, bucket index [B], tokens asked for before rounding [B]); the layers run once."""
+        configs = [self.bucket_config(k) for k in budget.buckets]
+        x = self._layer_inputs(pixel_values)
+        scores, keys = self._score_and_keys(x)
+        hidden = self.tower.layers[self.layer_index](x, None)
+        needed = budget.counts(scores, self.tower.has_cls)
+        bucket = budget.bucket_index(scores, self.tower.has_cls)
+        return configs, hidden, scores, keys, bucket, needed
+
     @torch.no_grad()
     def forward_adaptive(self, pixel_values: torch.Tensor, budget: AdaptiveBudget) -> AdaptiveOutput:
         """Each image at its own bucket's token count (see `vzedge.select.adaptive`): the layers run once,
@@ -179,12 +190,7 @@ class VisionZipEncoder(nn.Module):
         if not isinstance(budget, AdaptiveBudget):
             raise TypeError(f"budget must be an AdaptiveBudget, got {type(budget).__name__}")
         self.check_pixels(pixel_values)
-        configs = [self.bucket_config(k) for k in budget.buckets]
-        x = self._layer_inputs(pixel_values)
-        scores, keys = self._score_and_keys(x)
-        hidden = self.tower.layers[self.layer_index](x, None)
-        needed = budget.counts(scores, self.tower.has_cls)
-        bucket = budget.bucket_index(scores, self.tower.has_cls)
+        configs, hidden, scores, keys, bucket, needed = self._bucket_inputs(pixel_values, budget)
         tokens: list[torch.Tensor] = [hidden.new_zeros(0)] * hidden.shape[0]
         kept: list[torch.Tensor] = [bucket.new_zeros(0)] * hidden.shape[0]
         for i, cfg in enumerate(configs):
@@ -206,12 +212,7 @@ class VisionZipEncoder(nn.Module):
         work of the buckets an image does not use; `forward_adaptive` skips that in eager PyTorch."""
         if not torch.compiler.is_compiling():
             self.check_pixels(pixel_values)
-        configs = [self.bucket_config(k) for k in budget.buckets]
-        x = self._layer_inputs(pixel_values)
-        scores, keys = self._score_and_keys(x)
-        hidden = self.tower.layers[self.layer_index](x, None)
-        needed = budget.counts(scores, self.tower.has_cls)
-        bucket = budget.bucket_index(scores, self.tower.has_cls)
+        configs, hidden, scores, keys, bucket, needed = self._bucket_inputs(pixel_values, budget)
         inputs = SelectionInputs(hidden, scores, keys, self.tower.has_cls, self.tower.grid)
         outs = [VisionZipOutput(*self.selector.select(inputs, cfg, self.generator), scores) for cfg in configs]
         return outs, bucket, needed

@@ -19,20 +19,15 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+from vzedge.serve.probe import free_port, wait_healthy
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def data_url(seed: int) -> str:
@@ -45,25 +40,16 @@ def data_url(seed: int) -> str:
 
 class Server:
     def __init__(self, model: str, extra: list[str], log_path: Path) -> None:
-        import httpx
-
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = open(log_path, "w")  # noqa: SIM115 (closed in stop)
         cmd = [sys.executable, "-m", "vzedge", "serve", "--model", model, "--port", str(self.port), *extra]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; see {log_path}")
-            try:
-                if httpx.get(f"{self.base}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"server not ready in 300 s; see {log_path}")
+        try:
+            wait_healthy(self.proc, f"{self.base}/health", 300, logs=lambda: f"see {log_path}")
+        except RuntimeError:
+            self.stop()
+            raise
 
     def peak_rss_bytes(self) -> int:
         with open(f"/proc/{self.proc.pid}/status", encoding="ascii") as f:

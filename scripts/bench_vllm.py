@@ -23,7 +23,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+from vzedge.serve.probe import free_port, wait_healthy
 
 
 def build_model(folder: Path, llm_layers: int, vision_layers: int) -> dict[str, Any]:
@@ -90,12 +91,6 @@ def build_model(folder: Path, llm_layers: int, vision_layers: int) -> dict[str, 
     return info
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(model: str, mode: str, port: int, log_path: Path, args: argparse.Namespace):
     cmd = [
         sys.executable,
@@ -119,17 +114,13 @@ def start_server(model: str, mode: str, port: int, log_path: Path, args: argpars
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
     log = open(log_path, "wb")  # noqa: SIM115 (kept open for the server's lifetime)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < args.start_timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{mode} server exited {proc.returncode}: {log_path.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return proc, time.monotonic() - t0
-        except OSError:
-            time.sleep(1.0)
-    stop_server(proc)
-    raise RuntimeError(f"{mode} server not healthy after {args.start_timeout} s: {log_path.read_text()[-3000:]}")
+    try:
+        url = f"http://127.0.0.1:{port}/health"
+        waited = wait_healthy(proc, url, args.start_timeout, logs=lambda: log_path.read_text()[-3000:], poll_s=1.0)
+    except RuntimeError as err:
+        stop_server(proc)
+        raise RuntimeError(f"{mode} server: {err}") from None
+    return proc, waited
 
 
 def stop_server(proc: subprocess.Popen) -> None:

@@ -7,11 +7,9 @@ import base64
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -22,17 +20,12 @@ pytest.importorskip("fastapi", reason="pip install 'vzedge[serve]'")
 pytest.importorskip("uvicorn", reason="pip install 'vzedge[serve]'")
 
 from vzedge.images import load_image  # noqa: E402
+from vzedge.serve.probe import free_port, wait_healthy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key"
 QUESTIONS = ("What colour is the triangle?", "How many shapes are there?")
 START_S = 120  # loading on a busy 2-core machine
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def data_url(image, fmt: str = "PNG") -> str:
@@ -51,25 +44,18 @@ def user(url: str, question: str) -> dict:
 
 class Server:
     def __init__(self, tmp: Path, *args: str) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = open(tmp / f"serve-{self.port}.log", "w+")  # noqa: SIM115 (closed in stop)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         # One torch thread: on a loaded 2-core machine a 2-thread OpenMP team spin-waits on descheduled siblings.
         cmd = [sys.executable, "-m", "vzedge", "serve", "--port", str(self.port), "--threads", "1", *args]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        deadline = time.monotonic() + START_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.logs()}")
-            try:
-                if httpx.get(f"{self.base}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"server not ready in {START_S} s:\n{self.logs()}")
+        try:
+            wait_healthy(self.proc, f"{self.base}/health", START_S, logs=self.logs)
+        except RuntimeError:
+            self.stop()
+            raise
 
     def client(self, key: str = KEY, **kw) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.base}/v1", api_key=key, max_retries=0, timeout=60, **kw)

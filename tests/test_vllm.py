@@ -14,17 +14,15 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 
+from vzedge.serve.probe import free_port, wait_healthy
 from vzedge.visionzip import VisionZipConfig
 from vzedge.vllm.config import (
     ARCHITECTURE,
@@ -391,25 +389,12 @@ def test_offline_plugin_siglip_tower(tmp_path):
     assert (got - want).abs().max().item() <= 2e-5 * max(1.0, want.abs().max().item())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_healthy(proc: subprocess.Popen, port: int, log_path: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"the server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1.0)
-    pytest.fail(f"the server did not become healthy in {START_TIMEOUT_S} s:\n{log_path.read_text()[-4000:]}")
+    url = f"http://127.0.0.1:{port}/health"
+    try:
+        wait_healthy(proc, url, START_TIMEOUT_S, logs=lambda: log_path.read_text()[-4000:], poll_s=1.0)
+    except RuntimeError as err:
+        pytest.fail(str(err))
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -425,7 +410,7 @@ def _stop(proc: subprocess.Popen) -> None:
 def start_cli_server(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, int, Path]:
     """`vzedge serve --engine vllm ...` as a user runs it, in its own session; returns (process, port, log).
     Stock-layout copies (modes stock/embeds) go to `tmp_path`, not the user's cache."""
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path / "server.log"
     cmd = [
         sys.executable,

@@ -158,26 +158,24 @@ def test_ctrl_c_keeps_the_count(session, monkeypatch):
 
 
 _SOAK = """
-import ctypes, ctypes.util, gc, json
+import gc, json
 from vzedge.runtime.api import load_session, run
 from vzedge.runtime.config import RunConfig
-from vzedge.runtime.metrics import host_rss_bytes
+from vzedge.runtime.metrics import host_rss_bytes, trim_heap
 
 cfg = RunConfig(model="tiny-random", source="synthetic:150", policy="all", max_new_tokens=1, token_cache=4,
                 memory_interval_s=0.1)
 # glibc keeps freed heap pages mapped; hand them back before each reading, or one arena's growth
 # (measured +/-12 MiB between identical 150-frame runs) swamps the per-frame figure.
-libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
-trim = getattr(libc, "malloc_trim", lambda pad: 0)
 session = load_session(cfg)
 run(RunConfig(**{**cfg.__dict__, "source": "synthetic:30"}), session)
-gc.collect(); trim(0)
+gc.collect(); trim_heap()
 objects, rss, frames = [len(gc.get_objects())], [host_rss_bytes()], []
 for _ in range(3):  # three rounds: a leak grows every round, a one-off allocation once
     report = run(cfg, session)
     frames.append(report["summary"]["frames"])
     del report
-    gc.collect(); trim(0)
+    gc.collect(); trim_heap()
     objects.append(len(gc.get_objects())); rss.append(host_rss_bytes())
 print(json.dumps({"frames": frames, "objects": objects, "rss": rss}))
 """
